@@ -1,0 +1,1 @@
+"""Per-request and per-token routing over LoRA experts (imported as ``loramerge.routers``)."""

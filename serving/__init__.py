@@ -1,0 +1,1 @@
+"""Per-request adapter composition and serving (imported as ``loramerge.serving``)."""
