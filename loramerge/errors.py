@@ -64,3 +64,15 @@ class NumericalError(LoramergeError):
     """NaN or Inf in inputs or results."""
 
     exit_code = 7
+
+
+class BaseModelError(LoramergeError):
+    """A base model (for ``bake``) is missing, malformed, or stored in a form that cannot be baked."""
+
+    exit_code = 8
+
+
+class HubError(LoramergeError):
+    """A Hugging Face Hub call failed (login, permissions, repository id, network)."""
+
+    exit_code = 9

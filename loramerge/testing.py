@@ -31,14 +31,17 @@ def make_tokenizer(path: Path | None = None):
     return fast
 
 
-def tiny_llama(seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 128, intermediate: int | None = None):
+def tiny_llama(
+    seed: int = 0, *, hidden: int = 64, layers: int = 2, vocab: int = 128, intermediate: int | None = None,
+    init_range: float = 0.02,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, initializer_range=init_range,
     )
     return LlamaForCausalLM(config).eval()
 

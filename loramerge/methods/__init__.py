@@ -8,7 +8,10 @@ from ..errors import RecipeError
 from .base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs
 from .elementwise import BREADCRUMBS, DARE_LINEAR, DARE_TIES, DELLA, MAGNITUDE_PRUNE, TIES
 from .factorwise import factorwise
+from .knots import KNOTS
+from .lego import LORA_LEGO
 from .linear import AVERAGE, CAT, TASK_ARITHMETIC
+from .spectral import ISO_C, ISO_CTS, STAR, TSV
 
 __all__ = ["Dense", "Factored", "MergeMethod", "MethodConfig", "ModuleInputs", "REGISTRY", "get_method", "register_method"]
 
@@ -49,6 +52,8 @@ def _with_factorwise(method: MergeMethod) -> MergeMethod:
 _BUILTIN_GROUPS: tuple[tuple[MergeMethod, ...], ...] = (
     (TASK_ARITHMETIC, AVERAGE, CAT),
     (TIES, DARE_LINEAR, DARE_TIES, DELLA, BREADCRUMBS, MAGNITUDE_PRUNE),
+    (LORA_LEGO,),
+    (TSV, ISO_C, ISO_CTS, STAR, KNOTS),
 )
 
 for _group in _BUILTIN_GROUPS:

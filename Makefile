@@ -1,0 +1,30 @@
+# loramerge: the two commands are `make demo` and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch first (an unpinned torch would pull a multi-GB CUDA build)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/loramerge demo --workdir demo_out
+
+test: $(STAMP)
+	$(BIN)/ruff check loramerge routers serving tests benchmarks examples
+	$(BIN)/pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/merge_speed.py
+
+clean:
+	rm -rf demo_out .pytest_cache
