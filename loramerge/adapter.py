@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -35,18 +37,29 @@ _KEY_SUFFIXES: dict[str, tuple[ModuleKind, str]] = {
 }
 
 # Config fields whose non-default value changes what the adapter computes and
-# that we cannot represent as plain factors. Each maps to the reason and fix.
-_REFUSED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA rescales W0+BA by a learned magnitude vector, so it is not an additive delta; "
-    "merge it into the base with PEFT's merge_and_unload, or retrain without DoRA",
-    "lora_bias": "lora_bias adds a trained bias to lora_B that a factor merge would drop; retrain with lora_bias=False",
-    "modules_to_save": "modules_to_save stores full weights (not deltas); remove them from the adapter "
-    "(keep them separately) or retrain without modules_to_save",
-    "target_parameters": "LoRA on raw parameters (target_parameters) is not supported yet",
-    "layer_replication": "layer_replication changes the model's layers; merge the adapter into its base instead",
-    "use_qalora": "QA-LoRA pools inputs before A; it is not a plain LoRA delta",
-    "alora_invocation_tokens": "aLoRA activates only after invocation tokens; it is not a plain LoRA delta",
+# that we cannot represent as plain factors. Each maps to (reason, fix).
+_REFUSED_FIELDS: dict[str, tuple[str, str]] = {
+    "use_dora": ("DoRA rescales W0+BA by a learned magnitude vector, so it is not an additive delta",
+                 "merge it into the base with PEFT's merge_and_unload, or retrain without DoRA (use_dora=False)"),
+    "lora_bias": ("lora_bias adds a trained bias to lora_B that a factor merge would drop",
+                  "retrain with lora_bias=False"),
+    "modules_to_save": ("modules_to_save stores full weights (not deltas)",
+                        "remove them from the adapter (keep them separately) or retrain without modules_to_save"),
+    "target_parameters": ("LoRA on raw parameters (target_parameters) is not supported yet",
+                          "retrain with target_modules instead of target_parameters"),
+    "layer_replication": ("layer_replication changes the model's layers",
+                          "merge the adapter into its base with PEFT's merge_and_unload instead"),
+    "use_qalora": ("QA-LoRA pools inputs before A; it is not a plain LoRA delta",
+                   "merge it with PEFT's own tooling, or retrain as plain LoRA"),
+    "alora_invocation_tokens": ("aLoRA activates only after invocation tokens; it is not a plain LoRA delta",
+                                "merge it with PEFT's own tooling, or retrain as plain LoRA"),
 }
+
+# PEFT saves the full base layer of targeted embedding / lm_head modules (save_embedding_layers, on by
+# default when they are targeted) so that a resized vocabulary can be restored; they are not part of the delta.
+_BASE_COPY_SUFFIX = ".base_layer.weight"
+
+log = logging.getLogger("loramerge.adapter")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -193,9 +206,9 @@ def _validate_config(config: dict, cfg_path: Path) -> None:
             f"peft_type is {peft_type}; loramerge merges LoRA adapters only", path=str(cfg_path),
             fix="convert the adapter to LoRA or merge it with its own PEFT tooling",
         )
-    for name, reason in _REFUSED_FIELDS.items():
+    for name, (reason, fix) in _REFUSED_FIELDS.items():
         if config.get(name):
-            raise UnsupportedAdapterError(f"field '{name}' is set: {reason}", path=str(cfg_path))
+            raise UnsupportedAdapterError(f"field '{name}' is set: {reason}", path=str(cfg_path), fix=fix)
     if config.get("bias", "none") not in (None, "none"):
         raise UnsupportedAdapterError(
             f"field 'bias' is '{config['bias']}': trained base biases are not part of the LoRA delta",
@@ -277,6 +290,7 @@ class LoraAdapter:
 def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, weights_path: Path) -> dict[str, ModuleInfo]:
     """Group tensor keys into modules, check shapes against the config, compute scales."""
     parts: dict[str, dict[str, tuple[str, tuple[int, ...], ModuleKind]]] = {}
+    base_copies: dict[str, str] = {}
     for key, shape in keys_and_shapes.items():
         for suffix, (kind, role) in _KEY_SUFFIXES.items():
             if key.endswith(suffix):
@@ -285,6 +299,10 @@ def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, we
                 parts.setdefault(module, {})[role] = (key, shape, kind)
                 break
         else:
+            if key.endswith(_BASE_COPY_SUFFIX):
+                module = key[: -len(_BASE_COPY_SUFFIX)]
+                base_copies[module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module] = key
+                continue
             reason = "an unrecognised tensor"
             if "magnitude" in key:
                 reason = "a DoRA magnitude vector"
@@ -329,12 +347,27 @@ def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, we
     if not modules:
         raise AdapterLoadError("the adapter holds no LoRA tensors", path=str(weights_path),
                                fix="check that this is a LoRA adapter saved by PEFT")
+    stray = sorted(set(base_copies) - set(modules))
+    if stray:
+        raise UnsupportedAdapterError(
+            f"the weights hold a full copy of a base weight ('{base_copies[stray[0]]}') with no LoRA on it",
+            path=str(weights_path), module=stray[0],
+            fix="merge only plain LoRA adapters (no modules_to_save or trainable tokens)",
+        )
+    if base_copies:
+        log.info("%s: ignoring PEFT's saved copies of the base embedding layers (%s); the merge keeps only "
+                 "the LoRA deltas, which apply to the base model's own layers", weights_path, ", ".join(base_copies))
     return modules
 
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 }
+
+
+def _int_list(value: object) -> bool:
+    """A JSON list of non-negative integers (bools are not integers here)."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -358,20 +391,23 @@ def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
                 continue
             if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
                 raise ValueError(f"bad entry for '{key}'")
-            start, end = meta["data_offsets"]
+            offsets, shape = meta["data_offsets"], meta["shape"]
+            if not (_int_list(offsets) and len(offsets) == 2 and _int_list(shape)):
+                raise ValueError(f"tensor '{key}' has malformed shape {shape!r} or data_offsets {offsets!r}")
+            start, end = offsets
             if not (0 <= start <= end <= data_len):
                 raise ValueError(f"tensor '{key}' points past the end of the file (truncated?)")
-            dtype = _ST_DTYPES.get(meta["dtype"])
+            dtype = _ST_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
             if dtype is None:
                 raise ValueError(f"tensor '{key}' has unsupported dtype {meta['dtype']}")
-            shape = tuple(int(s) for s in meta["shape"])
+            shape = tuple(shape)
             if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != end - start:
                 raise ValueError(f"tensor '{key}' size does not match its shape {shape}")
             out[key] = (shape, dtype)
         return out
-    except (OSError, ValueError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, TypeError, RecursionError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(
-            f"corrupt or truncated safetensors file: {exc}", path=str(path),
+            f"corrupt or truncated safetensors file: {str(exc)[:300]}", path=str(path),
             fix="re-download or re-save the adapter",
         ) from exc
 

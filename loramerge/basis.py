@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -110,7 +111,7 @@ class FactorPCA:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.tensors("").values())
 
-    def to(self, dtype: torch.dtype) -> "FactorPCA":
+    def to(self, dtype: torch.dtype) -> FactorPCA:
         mean = self.mean.to(dtype) if self.mean is not None else None
         return FactorPCA(self.granularity, self.basis.to(dtype), self.coef.to(dtype), mean)
 
@@ -261,7 +262,7 @@ def load_tasks(adapters: Sequence[str | Path | LoraAdapter], names: Sequence[str
     if names is not None:
         if len(names) != len(loaded):
             raise RecipeError(f"{len(names)} names for {len(loaded)} adapters", fix="give one name per adapter")
-        for adapter, name in zip(loaded, names):
+        for adapter, name in zip(loaded, names, strict=True):
             adapter.name = name
     seen: dict[str, int] = {}
     for adapter in loaded:
@@ -284,14 +285,14 @@ def _check_k(k: int, n_tasks: int) -> None:
 
 
 def _task_record(adapter: LoraAdapter, modules: list[str]) -> dict:
-    from .merge import _target_modules
+    from .merge import target_modules_for
 
     dtype = str(adapter.dtype).replace("torch.", "")
     return {
         "name": adapter.name, "source": adapter.source.reference, "revision": adapter.source.revision,
         "sha256": adapter.sha256, "base_model": adapter.base_model, "task_type": adapter.config.get("task_type"),
         "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")),
-        "target_modules": _target_modules([adapter], modules), "dtype": dtype, "modules": modules,
+        "target_modules": target_modules_for([adapter], modules), "dtype": dtype, "modules": modules,
     }
 
 
@@ -311,14 +312,14 @@ def build_basis(
     The manifest records the storage ratio (stored parameters / the tasks' factor parameters)
     and each task's relative reconstruction error of delta_W (over its modules, and the worst module).
     """
-    from .merge import _check_compatible
+    from .merge import check_compatible
 
     if granularity not in ("module", "row"):
         raise RecipeError(f"granularity must be 'module' or 'row', got {granularity!r}",
                           fix="use granularity='module' (one basis per factor) or 'row' (one per row)")
     tasks = load_tasks(adapters, names)
     _check_k(k, len(tasks))
-    base_model = _check_compatible(tasks, None)
+    base_model = check_compatible(tasks, None)
     out = check_output_path(Path(out_dir), force=force, inputs=[a.source.local_path for a in tasks])
     module_names = sorted({m for a in tasks for m in a.modules})
     tensors: dict[str, torch.Tensor] = {}

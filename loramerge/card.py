@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from .merge import MergeResult
 
 
-def model_card(result: "MergeResult") -> str:
+def model_card(result: MergeResult) -> str:
     from . import __version__
 
     method = result.method

@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -60,11 +59,11 @@ def merge(
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the merged PEFT adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
     device: str = typer.Option("cpu", help="Where to compute: cpu, cuda, cuda:1, ..."),
-    rank: Optional[str] = typer.Option(None, help="Override the recipe's rank: exact, auto, max, an integer, energy:0.99."),
-    dtype: Optional[str] = typer.Option(None, help="Override the output dtype: auto, float32, float16, bfloat16."),
-    seed: Optional[int] = typer.Option(None, help="Override the recipe's seed (DARE, DELLA)."),
+    rank: str | None = typer.Option(None, help="Override the recipe's rank: exact, auto, max, an integer, energy:0.99."),
+    dtype: str | None = typer.Option(None, help="Override the output dtype: auto, float32, float16, bfloat16."),
+    seed: int | None = typer.Option(None, help="Override the recipe's seed (DARE, DELLA)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled adapter_model.bin inputs (runs code from the file)."),
-    report: Optional[Path] = typer.Option(None, help="Also write the per-module report as JSON here."),
+    report: Path | None = typer.Option(None, help="Also write the per-module report as JSON here."),
 ) -> None:
     """Merge the adapters of RECIPE into one PEFT adapter at OUTPUT."""
     from .merge import merge as run

@@ -6,7 +6,6 @@ Two Typer apps, mounted by the main command as ``loramerge basis ...`` and ``lor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -63,7 +62,7 @@ def basis_extract(
     task: str = typer.Option(..., "--task", "-t", help="The task to rebuild (its adapter's name)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the rebuilt PEFT adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the task adapter's)."),
+    dtype: str | None = typer.Option(None, help="Output dtype (default: the task adapter's)."),
 ) -> None:
     """Rebuild one task's adapter from BASIS_DIR as a PEFT adapter."""
     from .basis import extract_task
@@ -91,11 +90,11 @@ def twin_build(
     adapters: list[str] = typer.Argument(..., help="Task adapter directories (or hub ids)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the twin bundle."),
     shared_method: str = typer.Option("task_arithmetic", help="Registry method for the shared adapter."),
-    lambda_: Optional[float] = typer.Option(None, "--lambda",
+    lambda_: float | None = typer.Option(None, "--lambda",
                                             help="The shared merge's lambda (default 0.3 for task_arithmetic)."),
     param: list[str] = typer.Option([], "--param", help="Other shared-method parameters, key=value (repeatable)."),
-    residual_rank: Optional[int] = typer.Option(None, help="Rank kept per residual (default 8)."),
-    residual_fraction: Optional[float] = typer.Option(None, help="Fraction of each residual's rank kept (1.0 = exact)."),
+    residual_rank: int | None = typer.Option(None, help="Rank kept per residual (default 8)."),
+    residual_fraction: float | None = typer.Option(None, help="Fraction of each residual's rank kept (1.0 = exact)."),
     seed: int = typer.Option(0, help="Seed for stochastic shared methods."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
@@ -131,7 +130,7 @@ def twin_compose(
     weights: str = typer.Option(..., "--weights", "-w", help="Task weights: name=0.7,other=0.3 (others are 0)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the composed PEFT adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
-    dtype: Optional[str] = typer.Option(None, help="Output dtype (default: the bundle's)."),
+    dtype: str | None = typer.Option(None, help="Output dtype (default: the bundle's)."),
 ) -> None:
     """Write shared + sum_t w_t residual_t of BUNDLE_DIR as one exact PEFT adapter."""
     from .twin import parse_weights, write_composed

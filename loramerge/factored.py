@@ -8,8 +8,9 @@ R x R SVD: O((d_in + d_out) R^2), never a d_out x d_in matrix.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -43,7 +44,7 @@ class RankPolicy:
             raise ValueError("an energy fraction must be in (0, 1]")
 
     @classmethod
-    def parse(cls, value: "RankPolicy | str | int | dict | None") -> "RankPolicy":
+    def parse(cls, value: RankPolicy | str | int | dict | None) -> RankPolicy:
         """Accept the recipe forms: ``exact``, ``auto``, ``max``, an integer, ``{energy: 0.99}``."""
         if value is None:
             return cls()
@@ -79,8 +80,9 @@ def concat_factors(factors: Sequence[LoraFactors], weights: Sequence[float]) -> 
     return B_cat, A_cat
 
 
-def _work_dtype(R: int) -> torch.dtype:
-    return torch.float64 if R > 256 else torch.float32
+def _work_dtype(R: int, dtype: torch.dtype) -> torch.dtype:
+    """float64 for large total ranks (conditioning) or float64 inputs, float32 otherwise."""
+    return torch.float64 if R > 256 or dtype == torch.float64 else torch.float32
 
 
 def factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,7 +91,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL) -
     Singular values below ``rtol * S[0]`` are dropped (numerical rank).
     """
     out_dtype = B.dtype
-    work = _work_dtype(B.shape[1])
+    work = _work_dtype(B.shape[1], B.dtype)
     Q_B, R_B = torch.linalg.qr(B.to(work), mode="reduced")
     Q_A, R_A = torch.linalg.qr(A.T.to(work), mode="reduced")
     core = (R_B.double() @ R_A.double().T)
@@ -187,7 +189,7 @@ def compress_dense(
     other policies use a randomized SVD; the relative error is measured exactly.
     """
     d_out, d_in = delta.shape
-    total_sq = float((delta.double() ** 2).sum())
+    total_sq = _sum_of_squares(delta)
     if policy.kind == "exact":
         if d_out <= d_in:
             return Compressed(B=torch.eye(d_out, dtype=delta.dtype), A=delta.clone(), rel_error=0.0)
@@ -219,9 +221,24 @@ def compress_dense(
             q = min(2 * q, min_dim)
     k = max(min(k, S.numel()), 1)
     Bk, Ak = _split(U[:, :k], S[:k], Vh[:k])
-    residual = delta - Bk @ Ak
-    rel = math.sqrt(float((residual.double() ** 2).sum()) / total_sq)
+    rel = math.sqrt(_sum_of_squares(delta, minus=Bk @ Ak) / total_sq)
     return Compressed(B=Bk, A=Ak, rel_error=rel)
+
+
+_CHUNK = 1 << 18
+
+
+def _sum_of_squares(x: torch.Tensor, minus: torch.Tensor | None = None) -> float:
+    """``sum((x - minus)^2)`` in float64, chunk by chunk: no float64 copy of the whole module."""
+    flat = x.reshape(-1)
+    other = minus.reshape(-1) if minus is not None else None
+    total = 0.0
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start:start + _CHUNK]
+        if other is not None:
+            chunk = chunk - other[start:start + _CHUNK]  # in x's dtype, as ``x - minus`` would be
+        total += float(chunk.double().square_().sum())
+    return total
 
 
 def frobenius_inner(f: LoraFactors, g: LoraFactors) -> float:

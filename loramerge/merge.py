@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -111,7 +112,7 @@ def _unique_names(adapters: list[LoraAdapter], entries: list[AdapterEntry]) -> N
             adapter.name = f"{adapter.name}-{seen[adapter.name]}"
 
 
-def _check_compatible(adapters: list[LoraAdapter], base_model: str | None) -> str | None:
+def check_compatible(adapters: list[LoraAdapter], base_model: str | None) -> str | None:
     bases = {a.base_model for a in adapters if a.base_model}
     if base_model is None and len(bases) > 1:
         listing = "; ".join(f"{a.name}: {a.base_model}" for a in adapters)
@@ -138,7 +139,7 @@ def _check_compatible(adapters: list[LoraAdapter], base_model: str | None) -> st
     return resolved
 
 
-def _target_modules(adapters: list[LoraAdapter], module_names: list[str]) -> list[str] | str:
+def target_modules_for(adapters: list[LoraAdapter], module_names: list[str]) -> list[str] | str:
     """The union of the inputs' target lists when they are plain lists, else the exact module names."""
     lists = [a.config.get("target_modules") for a in adapters]
     plain = all(isinstance(t, list) for t in lists) and not any(a.config.get("layers_to_transform") for a in adapters)
@@ -181,7 +182,7 @@ def run_merge(
         adapters = [load_adapter(e.path, name=e.name, revision=e.revision, allow_pickle=recipe.allow_pickle)
                     for e in recipe.adapters]
     _unique_names(adapters, list(recipe.adapters))
-    base_model = _check_compatible(adapters, recipe.base_model)
+    base_model = check_compatible(adapters, recipe.base_model)
     weights = [e.weight for e in recipe.adapters]
     module_names = sorted({m for a in adapters for m in a.modules})
 
@@ -204,7 +205,9 @@ def run_merge(
         try:
             result = fn(cfg, inputs)
         except ValueError as exc:
-            raise RecipeError(f"method '{method.name}' failed: {exc}", module=name) from exc
+            raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
+                              fix="change the adapters' weights or the method's parameters "
+                              "(`loramerge methods` lists them)") from exc
         compressed = _finish(result, policy, inputs.ranks, derive_seed(recipe.seed, "compress", name))
         if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
             raise NumericalError(f"method '{method.name}' produced NaN or Inf", module=name,
@@ -214,7 +217,7 @@ def run_merge(
                                     rel_error=compressed.rel_error))
     task_types = {a.config.get("task_type") for a in adapters}
     config = build_lora_config(
-        out_modules, base_model=base_model, target_modules=_target_modules(adapters, module_names),
+        out_modules, base_model=base_model, target_modules=target_modules_for(adapters, module_names),
         task_type=task_types.pop() if len(task_types) == 1 else None,
         fan_in_fan_out=any(a.config.get("fan_in_fan_out") for a in adapters),
     )

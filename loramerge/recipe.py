@@ -74,7 +74,7 @@ class Recipe(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _method_and_parameters(self) -> "Recipe":
+    def _method_and_parameters(self) -> Recipe:
         from .methods import get_method
 
         method = get_method(self.method)
@@ -82,7 +82,8 @@ class Recipe(BaseModel):
             method.make_config(self.parameters)
         except ValidationError as exc:
             raise RecipeError(_explain(exc, f"parameters of method '{method.name}'",
-                                       list(method.config_cls.model_fields) + _aliases(method.config_cls))) from exc
+                                       list(method.config_cls.model_fields) + _aliases(method.config_cls)),
+                              fix="`loramerge methods` lists each method's parameters and defaults") from exc
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
                               fix="factorwise works with task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune")

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class ResidualPolicy:
     fraction: float | None = None
 
     @classmethod
-    def from_options(cls, rank: int | None, fraction: float | None) -> "ResidualPolicy":
+    def from_options(cls, rank: int | None, fraction: float | None) -> ResidualPolicy:
         if rank is not None and fraction is not None:
             raise RecipeError("give residual_rank or residual_fraction, not both",
                               fix="drop one of --residual-rank / --residual-fraction")
@@ -230,7 +231,7 @@ def build_twin(
         "method": shared_method, "parameters": dict(shared_parameters), "seed": seed, "dtype": dtype,
         "adapters": [{"path": str(a.source.local_path), "name": a.name,
                       "weight": 1.0 if weights is None else float(w)}
-                     for a, w in zip(tasks, weights if weights is not None else [1.0] * len(tasks))],
+                     for a, w in zip(tasks, weights if weights is not None else [1.0] * len(tasks), strict=True)],
     }
     if shared_rank is not None:
         recipe_data["rank"] = shared_rank

@@ -1,36 +1,58 @@
 """Element-wise merges on delta_W: TIES, DARE, DELLA, Model Breadcrumbs, magnitude pruning.
 
-Each densifies one module at a time and streams over the adapters (at most a
-few dense deltas live at once, never all of them); the result goes back to low
-rank through the rank policy. User weights multiply the task vectors before
+Each densifies one module at a time and streams over the adapters: one reused
+buffer holds the current adapter's dense delta, and at most about 2.5 dense
+deltas live at once (never all of them). Element-wise steps run chunk by chunk
+(``ops.CHUNK_ELEMENTS``) so their temporaries stay small. The result goes back
+to low rank through the rank policy. User weights multiply the task vectors before
 the method sees them (``tau_t = w_t * B_t A_t``), so with unit weights each
 function is the paper's algorithm on that module.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from ..ops import band_mask, bernoulli_mask, elect_sign, generator_for, magnitude_mask, magprune_keep_probs, topk_threshold
+from ..ops import (
+    band_mask,
+    elect_positive,
+    flat_chunks,
+    generator_for,
+    magprune_keep_probs,
+    random_drop_,
+    topk_threshold,
+    zero_below_,
+)
 from .base import Dense, MergeMethod, MethodConfig, ModuleInputs
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(adapter position, weighted dense delta) -> the sparsified, possibly rescaled delta."""
 
 
-def _dense(inputs: ModuleInputs, t: int) -> torch.Tensor:
+def _dense(inputs: ModuleInputs, t: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_t * (B_t @ A_t)``, written into ``out`` when it fits (a buffer reused across adapters)."""
     f = inputs.factors[t]
-    return inputs.weights[t] * (f.B @ f.A)
+    shape = (f.B.shape[0], f.A.shape[1])
+    if out is None or out.shape != shape or out.dtype != f.B.dtype or out.device != f.B.device:
+        out = torch.empty(shape, dtype=f.B.dtype, device=f.B.device)
+    torch.matmul(f.B, f.A, out=out)
+    return out.mul_(inputs.weights[t])
 
 
 def _weighted_sum(inputs: ModuleInputs, sparsify: Sparsifier) -> torch.Tensor:
-    acc = None
+    acc, buf = None, None
     for t in range(len(inputs.factors)):
-        d = sparsify(t, _dense(inputs, t))
-        acc = d if acc is None else acc.add_(d)
+        buf = _dense(inputs, t, buf)
+        d = sparsify(t, buf)
+        if acc is None:
+            acc = d
+            buf = None if d is buf else buf  # the sum now owns that memory
+        else:
+            acc.add_(d)
     return acc
 
 
@@ -42,26 +64,42 @@ def _sign_resolved_merge(
 
     Two passes over the adapters (the sparsifier must be deterministic): the
     first accumulates the mass for the election, the second the agreeing values.
+    The elected sign is kept as a boolean (positive or not) and agreement counts
+    as small integers, so the second pass holds about 2.5 dense deltas.
     """
-    mass = None
+    buf, mass = None, None
     for t in range(len(inputs.factors)):
-        d = sparsify(t, _dense(inputs, t))
-        contribution = torch.sign(d) if majority_sign == "frequency" else d
-        mass = contribution if mass is None else mass.add_(contribution)
-    sign = elect_sign(mass)
+        buf = _dense(inputs, t, buf)
+        d = sparsify(t, buf)
+        if mass is None:
+            mass = torch.sign(d) if majority_sign == "frequency" else d.clone()
+        elif majority_sign == "frequency":
+            for m, x in flat_chunks(mass, d):
+                m.add_(torch.sign(x))
+        else:
+            mass.add_(d)
+    positive = elect_positive(mass)
     del mass
-    acc = torch.zeros_like(sign)
-    norm = torch.zeros_like(sign)
+    acc = torch.zeros_like(buf)
+    by_weight = denominator == "weight"
+    norm = torch.zeros_like(buf) if by_weight else torch.zeros(buf.shape, dtype=torch.int32, device=buf.device)
     for t in range(len(inputs.factors)):
-        d = sparsify(t, _dense(inputs, t))
-        agree = (d != 0) & (torch.sign(d) == sign)
-        if merge_func == "max":
-            acc = torch.where(agree & (d.abs() > acc.abs()), d, acc)
-            continue
-        acc.add_(torch.where(agree, d, 0.0))
-        norm.add_(agree.to(norm.dtype) * (abs(inputs.weights[t]) if denominator == "weight" else 1.0))
+        buf = _dense(inputs, t, buf)
+        d = sparsify(t, buf).contiguous()
+        weight = abs(inputs.weights[t])
+        for a, n, x, pos in flat_chunks(acc, norm, d, positive):
+            agree = torch.where(pos, x > 0, x < 0)  # x != 0 with the elected sign
+            if merge_func == "max":
+                a.copy_(torch.where(agree & (x.abs() > a.abs()), x, a))
+                continue
+            a.add_(torch.where(agree, x, 0.0))
+            if by_weight:
+                n.add_(agree.to(n.dtype) * weight)
+            else:
+                n.add_(agree)
     if merge_func == "mean":
-        return acc / norm.clamp_(min=1.0 if denominator == "count" else 1e-12)
+        for a, n in flat_chunks(acc, norm):
+            a.div_(n.clamp(min=1e-12) if by_weight else n.clamp(min=1).to(a.dtype))
     return acc
 
 
@@ -80,10 +118,10 @@ def ties(cfg: TiesConfig, inputs: ModuleInputs) -> Dense:
         if t not in thresholds:
             thresholds[t] = topk_threshold(d, cfg.density)
         thr = thresholds[t]
-        return d if thr is None else d.masked_fill_(d.abs() < thr, 0.0)
+        return d if thr is None else zero_below_(d, thr)
 
     merged = _sign_resolved_merge(inputs, trim, cfg.merge_func, cfg.majority_sign)
-    return Dense(cfg.lambda_ * merged)
+    return Dense(merged.mul_(cfg.lambda_))
 
 
 class DareConfig(MethodConfig):
@@ -101,21 +139,19 @@ def _dare(cfg: DareConfig, inputs: ModuleInputs) -> Sparsifier:
         if cfg.density >= 1.0:
             return d
         gen = generator_for(inputs.seed, "dare", inputs.name, inputs.adapter_names[t], device=d.device)
-        mask = bernoulli_mask(d.shape, cfg.density, gen, device=d.device)
-        d.masked_fill_(~mask, 0.0)
-        return d.div_(cfg.density) if cfg.rescale else d
+        return random_drop_(d, cfg.density, gen, cfg.rescale)
 
     return drop
 
 
 def dare_linear(cfg: DareConfig, inputs: ModuleInputs) -> Dense:
     """DARE: drop entries at random (keep prob. density), rescale, then weighted sum."""
-    return Dense(cfg.lambda_ * _weighted_sum(inputs, _dare(cfg, inputs)))
+    return Dense(_weighted_sum(inputs, _dare(cfg, inputs)).mul_(cfg.lambda_))
 
 
 def dare_ties(cfg: DareTiesConfig, inputs: ModuleInputs) -> Dense:
     """DARE's random drop followed by TIES sign election and disjoint mean."""
-    return Dense(cfg.lambda_ * _sign_resolved_merge(inputs, _dare(cfg, inputs), "mean", cfg.majority_sign))
+    return Dense(_sign_resolved_merge(inputs, _dare(cfg, inputs), "mean", cfg.majority_sign).mul_(cfg.lambda_))
 
 
 class DellaConfig(MethodConfig):
@@ -125,7 +161,7 @@ class DellaConfig(MethodConfig):
     elect_sign: bool = Field(True, description="TIES-style elect and fuse; false gives della_linear")
 
     @model_validator(mode="after")
-    def _window_inside_unit_interval(self) -> "DellaConfig":
+    def _window_inside_unit_interval(self) -> DellaConfig:
         if self.density - self.epsilon <= 0.0 or self.density + self.epsilon > 1.0:
             raise ValueError("density - epsilon must be > 0 and density + epsilon <= 1")
         return self
@@ -153,7 +189,7 @@ class BreadcrumbsConfig(MethodConfig):
     sign_election: bool = Field(False, description="TIES sign election on the masked vectors (breadcrumbs_ties)")
 
     @model_validator(mode="after")
-    def _band_fits(self) -> "BreadcrumbsConfig":
+    def _band_fits(self) -> BreadcrumbsConfig:
         if self.density + self.gamma > 1.0:
             raise ValueError("density + gamma must be <= 1")
         return self
@@ -179,9 +215,10 @@ def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
     """Keep each task vector's largest entries, then weighted sum."""
 
     def prune(t: int, d: torch.Tensor) -> torch.Tensor:
-        return d.masked_fill_(~magnitude_mask(d, cfg.density), 0.0)
+        thr = topk_threshold(d, cfg.density)
+        return d if thr is None else zero_below_(d, thr)
 
-    return Dense(cfg.lambda_ * _weighted_sum(inputs, prune))
+    return Dense(_weighted_sum(inputs, prune).mul_(cfg.lambda_))
 
 
 TIES = MergeMethod(

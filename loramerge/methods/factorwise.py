@@ -11,7 +11,7 @@ reproduce results made with PEFT; the default product-space methods are exact.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -67,7 +67,7 @@ class Clustering:
 
 def pool_units(inputs: ModuleInputs) -> Units:
     """All rank units of the module's adapters, each adapter's weight folded into its b."""
-    b = torch.cat([w * f.B.to(_WORK) for f, w in zip(inputs.factors, inputs.weights)], dim=1).T
+    b = torch.cat([w * f.B.to(_WORK) for f, w in zip(inputs.factors, inputs.weights, strict=True)], dim=1).T
     a = torch.cat([f.A.to(_WORK) for f in inputs.factors], dim=0)
     return Units(a=a, b=b)
 
@@ -217,7 +217,7 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
     scale = cfg.gamma
     if cfg.output_reweight == "norm":
         target = sum(abs(w) * _delta_norm(f.B.to(_WORK), f.A.to(_WORK))
-                     for f, w in zip(inputs.factors, inputs.weights)) / len(inputs.factors)
+                     for f, w in zip(inputs.factors, inputs.weights, strict=True)) / len(inputs.factors)
         current = _delta_norm(B, A)
         scale *= target / current if current > 0 else 0.0
     out_dtype = inputs.factors[0].B.dtype
@@ -225,7 +225,7 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
 
 
 def shrink_adapter(adapter: str | Path, k: int, output: str | Path | None = None, *, force: bool = False,
-                   seed: int = 0, **parameters: Any) -> "MergeResult":
+                   seed: int = 0, **parameters: Any) -> MergeResult:
     """Prune one adapter to rank k by clustering its own rank units (LoRA-LEGO's pruning use).
 
     ``parameters`` are LegoConfig fields (e.g. ``output_reweight="none"``).
