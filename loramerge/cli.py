@@ -198,6 +198,17 @@ def version() -> None:
     print(__version__)
 
 
+def _mount_subcommands() -> None:
+    """Verb groups that live in their own files (artifacts, routing, serving, ecosystem)."""
+    from .cli_artifacts import basis_app, twin_app
+
+    app.add_typer(basis_app, name="basis", help="Reversible basis merging (RMM): build a basis, extract any task.")
+    app.add_typer(twin_app, name="twin", help="Twin-Merging bundles: shared adapter + compressed task experts.")
+
+
+_mount_subcommands()
+
+
 def main() -> None:
     try:
         app()
