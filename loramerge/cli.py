@@ -30,8 +30,14 @@ class State:
 def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the final result."),
+    threads: int = typer.Option(1, "--threads", envvar="LORAMERGE_THREADS",
+                                help="torch CPU threads. 1 is fastest for the small QR/SVD calls and on a busy "
+                                "machine; raise it for large element-wise merges on an idle one."),
 ) -> None:
+    import torch
     from rich.logging import RichHandler
+
+    torch.set_num_threads(max(threads, 1))
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
@@ -177,15 +183,56 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 
 @app.command()
+def compare(
+    adapters: list[str] = typer.Argument(..., help="Adapter directories or hub ids."),
+    output: Path = typer.Option(..., "--output", "-o", help="Work directory: one merged adapter per method, plus a plot."),
+    methods_: str = typer.Option("task_arithmetic,average,ties,dare_ties,della,breadcrumbs", "--methods",
+                                 help="Comma-separated registry names."),
+    weights: str | None = typer.Option(None, help="Comma-separated weights, one per adapter."),
+    rank: str = typer.Option("auto", help="Rank policy for every method: exact, auto, max, an integer."),
+    params: str | None = typer.Option(None, help='Per-method parameters as JSON: {"ties": {"density": 0.3}}.'),
+    base: Path | None = typer.Option(None, help="Base model directory, to also measure task loss."),
+    data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} lines for the task loss (needs --base).'),
+) -> None:
+    """Merge the same adapters with several methods and compare rank, size, error, time (and task loss)."""
+    from .compare import CompareRow, LossEvaluator, compare_methods, load_task_texts, plot_rows, render_table
+
+    try:
+        per_method = json.loads(params) if params else {}
+        runs = [(m.strip(), {"rank": rank, "parameters": per_method.get(m.strip(), {})})
+                for m in methods_.split(",") if m.strip()]
+        w = [float(x) for x in weights.split(",")] if weights else None
+        evaluator = None
+        if (base is None) != (data is None):
+            raise LoramergeError("--base and --data go together", fix="give both, or neither")
+        rows: list[CompareRow] = []
+        if base is not None and data is not None:
+            evaluator = LossEvaluator(base, load_task_texts(data))
+            rows.append(CompareRow("base model (no adapter)", losses=evaluator(None), reference=True))
+        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w)
+    except (ValueError, json.JSONDecodeError) as exc:
+        fail(LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help"))
+        return
+    except LoramergeError as exc:
+        fail(exc)
+        return
+    console.print(render_table(rows, f"{len(adapters)} adapters, rank policy {rank}"))
+    plot = plot_rows(rows, Path(output) / "comparison.png", "loramerge compare")
+    if plot:
+        console.print(f"plot: {plot}")
+
+
+@app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo_out"), "--workdir", "-w", help="Where the demo writes its model and adapters."),
-    threads: int = typer.Option(1, help="torch threads (small ops are fastest on one)."),
 ) -> None:
     """Build a tiny base model and adapters locally, merge them with several methods, compare, generate."""
     from .demo import run_demo
 
     try:
-        run_demo(workdir, threads=threads, console=console)
+        import torch
+
+        run_demo(workdir, threads=torch.get_num_threads(), console=console)
     except LoramergeError as exc:
         fail(exc)
 
@@ -201,9 +248,12 @@ def version() -> None:
 def _mount_subcommands() -> None:
     """Verb groups that live in their own files (artifacts, routing, serving, ecosystem)."""
     from .cli_artifacts import basis_app, twin_app
+    from .cli_orthogonal import lori_app, osrm_app
 
     app.add_typer(basis_app, name="basis", help="Reversible basis merging (RMM): build a basis, extract any task.")
     app.add_typer(twin_app, name="twin", help="Twin-Merging bundles: shared adapter + compressed task experts.")
+    app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")
+    app.add_typer(lori_app, name="lori", help="LoRI: frozen random A, sparse B masks and checks.")
 
 
 _mount_subcommands()

@@ -9,14 +9,12 @@ the best merge with PEFT and generates.
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
+from .compare import CompareRow, LossEvaluator, compare_methods, plot_rows, render_table
 from .testing import make_tokenizer, save_base, tiny_llama
 
 TASKS: dict[str, list[str]] = {
@@ -36,13 +34,6 @@ def task_sequences(task: str, n: int, length: int = 10, seed: int = 0) -> list[s
         start = rng.randrange(len(cycle))
         out.append(" ".join(cycle[(start + i) % len(cycle)] for i in range(length)))
     return out
-
-
-def lm_loss(model, tokenizer, texts: list[str]) -> float:
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    with torch.no_grad():
-        return float(model(**batch, labels=labels).loss)
 
 
 def train_adapter(base_dir: Path, task: str, out_dir: Path, *, steps: int = 60, r: int = 8, seed: int = 0) -> Path:
@@ -70,20 +61,6 @@ def train_adapter(base_dir: Path, task: str, out_dir: Path, *, steps: int = 60, 
     return out_dir
 
 
-@dataclass
-class Row:
-    label: str
-    rank: int
-    kib: float
-    rel_error: float
-    seconds: float
-    losses: dict[str, float]
-
-    @property
-    def mean_loss(self) -> float:
-        return sum(self.losses.values()) / len(self.losses)
-
-
 DEMO_MERGES: list[tuple[str, dict]] = [
     ("task_arithmetic", {"rank": "exact"}),
     ("average", {"rank": "exact"}),
@@ -97,20 +74,8 @@ DEMO_MERGES: list[tuple[str, dict]] = [
 ]
 
 
-def _label(method: str, options: dict) -> str:
-    extra = []
-    if options.get("factorwise"):
-        extra.append("factorwise/PEFT")
-    if "rank" in options:
-        extra.append(f"rank {options['rank']}")
-    return method + (f" ({', '.join(extra)})" if extra else "")
-
-
-def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None) -> list[Row]:
+def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None) -> list[CompareRow]:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .merge import merge
 
     console = console or Console()
     if not console.is_terminal and console.width < 140:
@@ -122,7 +87,6 @@ def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None)
     if not (base_dir / "config.json").is_file():
         save_base(tiny_llama(seed=0, hidden=64, layers=2, vocab=128, init_range=0.2), base_dir)
         make_tokenizer(base_dir)
-    tok = AutoTokenizer.from_pretrained(base_dir)
     adapters = {}
     with console.status("training four toy-task adapters with PEFT"):
         for i, task in enumerate(TASKS):
@@ -132,46 +96,22 @@ def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None)
             adapters[task] = path
     console.print(f"base model and adapters in {workdir}/ (tiny Llama, 4 LoRA adapters of rank 8 on 7 projections)")
 
-    held_out = {task: task_sequences(task, 32, seed=99) for task in TASKS}
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-
-    def losses_of(adapter_dir: Path | None) -> dict[str, float]:
-        model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).eval()
-        result = {task: lm_loss(model, tok, texts) for task, texts in held_out.items()}
-        if adapter_dir is not None:
-            model.unload()
-        return result
-
-    rows = [Row("base model (no adapter)", 0, 0.0, 0.0, 0.0, losses_of(None))]
-    single = {task: losses_of(path)[task] for task, path in adapters.items()}
-    rows.append(Row("each task's own adapter", 8 * 14, 0.0, 0.0, 0.0, single))
-    merged_root = workdir / "merged"
-    paths = [str(p) for p in adapters.values()]
-    for method, options in DEMO_MERGES:
-        label = _label(method, options)
-        out = merged_root / label.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(",", "")
-        started = time.perf_counter()
-        result = merge(adapters=paths, method=method, output=out, force=True, **options)
-        seconds = time.perf_counter() - started
-        kib = (out / "adapter_model.safetensors").stat().st_size / 1024
-        rows.append(Row(label, result.total_rank, kib, result.max_rel_error, seconds, losses_of(out)))
-
-    table = Table(title="4 toy-task adapters merged into one (held-out LM loss per task; lower is better)")
-    for col in ("method", "total rank", "KiB", "max rel. err", "merge s", *TASKS, "mean"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for row in rows:
-        table.add_row(row.label, str(row.rank) if row.rank else "-", f"{row.kib:.0f}" if row.kib else "-",
-                      f"{row.rel_error:.1e}" if row.kib else "-", f"{row.seconds:.2f}" if row.kib else "-",
-                      *(f"{row.losses[t]:.3f}" for t in TASKS), f"{row.mean_loss:.3f}")
-    console.print(table)
+    evaluator = LossEvaluator(base_dir, {task: task_sequences(task, 32, seed=99) for task in TASKS})
+    rows = [CompareRow("base model (no adapter)", losses=evaluator(None), reference=True)]
+    own = {task: evaluator(path)[task] for task, path in adapters.items()}
+    rows.append(CompareRow("each task's own adapter", total_rank=8 * 14, losses=own, reference=True))
+    merged = compare_methods([str(p) for p in adapters.values()], DEMO_MERGES, workdir / "merged", evaluator=evaluator)
+    rows += merged
+    title = "4 toy-task adapters merged into one (held-out LM loss per task; lower is better)"
+    console.print(render_table(rows, title))
     console.print("rel. err = what the rank policy lost (0 = the merge is stored exactly); factorwise/PEFT is "
                   "PEFT's add_weighted_adapter('linear'), which averages A and B separately (cross terms).")
-    _plot(rows, workdir / "comparison.png", console)
+    plot = plot_rows(rows, workdir / "comparison.png", "loramerge demo: one adapter for four tasks")
+    console.print(f"plot: {plot}" if plot else "(install matplotlib to also get comparison.png)")
 
-    merged_rows = rows[2:]
-    best = min(merged_rows, key=lambda r: r.mean_loss)
-    best_dir = merged_root / best.label.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(",", "")
-    model = PeftModel.from_pretrained(base, best_dir).eval()
+    best = min(merged, key=lambda r: r.mean_loss)
+    model = PeftModel.from_pretrained(evaluator.base, best.output).eval()
+    tok = evaluator.tokenizer
     console.print(f"\n[bold]generating with the best merge[/] ({best.label}), loaded by PeftModel.from_pretrained:")
     for task in TASKS:
         prompt = " ".join(TASKS[task][:3])
@@ -179,25 +119,5 @@ def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         console.print(f"  {prompt!r:32} -> {tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
+    model.unload()
     return rows
-
-
-def _plot(rows: list[Row], path: Path, console: Console) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("(install matplotlib to also get comparison.png)")
-        return
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = [r.label for r in rows]
-    ax.barh(labels, [r.mean_loss for r in rows], color=["#999"] * 2 + ["#3a7"] * (len(rows) - 2))
-    ax.invert_yaxis()
-    ax.set_xlabel("mean held-out LM loss over the 4 tasks (lower is better)")
-    ax.set_title("loramerge demo: one adapter for four tasks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    console.print(f"plot: {path}")

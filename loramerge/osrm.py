@@ -24,6 +24,7 @@ Typical use::
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -180,7 +181,8 @@ def _in_features(module: torch.nn.Module) -> int | None:
 
 @dataclass
 class _Accumulator:
-    """Running sums of one module's input features over the non-padding tokens of one task group."""
+    """Running sums of one module's input features over non-padding tokens (all tasks), plus each task's sum of
+    per-sample token means (for the mean_nullspace mode)."""
 
     d_in: int
     want_gram: bool
@@ -249,6 +251,7 @@ def _collect(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tasks:
         return hook
 
     device = next(model.parameters()).device
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     handles = [mod.register_forward_hook(hook_for(name)) for name, mod in modules.items()]
     was_training = model.training
     model.eval()
@@ -258,7 +261,7 @@ def _collect(model: torch.nn.Module, modules: dict[str, torch.nn.Module], tasks:
                 state["task"] = task
                 for batch in _batches(texts, tokenizer, batch_size, max_length, device):
                     state["mask"] = batch["attention_mask"]
-                    model(**batch, use_cache=False)
+                    model(**batch, **extra)
     finally:
         for handle in handles:
             handle.remove()
@@ -299,7 +302,8 @@ def energy_ratio(A: torch.Tensor, second_moment: torch.Tensor) -> float:
     r, d_in = A.shape
     A = A.to(second_moment.dtype)
     expected = r / d_in * float(torch.trace(second_moment))
-    return float(torch.trace(A @ second_moment @ A.T)) / expected if expected > 0 else 0.0
+    captured = max(float(torch.trace(A @ second_moment @ A.T)), 0.0)  # PSD: negatives are rounding noise
+    return captured / expected if expected > 0 else 0.0
 
 
 @dataclass
@@ -482,9 +486,9 @@ def compute_osrm_init(
         raise RecipeError(f"unknown OSRM mode '{mode}'", fix=f"use one of {', '.join(MODES)}")
     if r < 1:
         raise RecipeError(f"rank must be positive, got {r}", fix="pass r >= 1")
+    tasks = task_texts(other_inputs, text_field=text_field, max_samples=max_samples)
     tokenizer = _resolve_tokenizer(base, tokenizer)
     model, base_name = _load_model(base)
-    tasks = task_texts(other_inputs, text_field=text_field, max_samples=max_samples)
     modules = resolve_targets(model, target_modules, r)
     for name, module in modules.items():
         if r > _in_features(module):
@@ -533,7 +537,8 @@ def _fill_module(init: OsrmInit, name: str, acc: _Accumulator, r: int, mode: str
     else:
         means = torch.stack([acc.sample_mean_sums[t] / acc.samples[t] for t in acc.sample_mean_sums]).cpu()
         A, values = mean_nullspace_directions(means, r)
-        ratio = energy_ratio(A, means.T @ means)
+        expected = r / means.shape[1] * float(means.pow(2).sum())  # tr(A M^T M A^T) vs a random subspace
+        ratio = float((means @ A.T).pow(2).sum()) / expected if expected > 0 else 0.0
     init.directions[name] = A.float()
     init.eigenvalues[name] = values.float()
     init.energy_ratio[name] = ratio

@@ -238,3 +238,20 @@ def test_inspect_overlap_oracles(adapter_factory, tmp_path):
     same, opposite = pairs[0], pairs[1]
     assert same.cosine == pytest.approx(1.0, abs=1e-5) and same.subspace_overlap == pytest.approx(1.0, abs=1e-4)
     assert opposite.cosine == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_cli_compare_with_task_loss(llama_dir, equal_rank_adapters, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import loramerge.cli
+
+    monkeypatch.setattr(loramerge.cli, "console", Console(width=200))
+    data = tmp_path / "tasks.jsonl"
+    data.write_text('{"text": "one two three four", "task": "count"}\n{"text": "cat dog bird fish", "task": "animals"}\n')
+    result = CliRunner().invoke(app, ["compare", *map(str, equal_rank_adapters), "-o", str(tmp_path / "cmp"),
+                                      "--methods", "task_arithmetic,ties", "--base", str(llama_dir), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "task_arithmetic" in result.output and "animals" in result.output
+    assert (tmp_path / "cmp" / "comparison.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir() if p.is_dir()) == ["task_arithmetic_rank_auto",
+                                                                                   "ties_rank_auto"]
