@@ -187,10 +187,10 @@ class Architecture:
     known: bool
 
 
-def architecture(base: Path, names: list[str], kinds: dict[str, str], fan_in_fan_out: bool) -> Architecture:
+def architecture(base: Path) -> Architecture:
     """Build the model on the meta device (no memory) to see Conv1D / Embedding modules and tied weights.
 
-    When that is impossible (custom code), fall back to the adapter's own fan_in_fan_out flag.
+    When that is impossible (custom code), ``known`` is False and bake falls back to the adapter's flags.
     """
     try:
         import transformers
@@ -202,12 +202,9 @@ def architecture(base: Path, names: list[str], kinds: dict[str, str], fan_in_fan
             del config.quantization_config
         with torch.device("meta"):
             model = cls(config)
-    except Exception as exc:  # unknown or remote-code architecture: use the adapter's flags
+    except Exception as exc:  # unknown or remote-code architecture
         log.debug("could not build the model skeleton: %s", exc)
-        fallback: dict[str, Layout] = {
-            n: "embedding" if kinds.get(n) == "embedding" else "conv1d" if fan_in_fan_out else "linear" for n in names
-        }
-        return Architecture(layouts=fallback, tied_groups=[], known=False)
+        return Architecture(layouts={}, tied_groups=[], known=False)
     layouts: dict[str, Layout] = {}
     for name, module in model.named_modules():
         if isinstance(module, Conv1D):
@@ -480,10 +477,11 @@ def bake(
         notices.append(f"the base is a {quantized} checkpoint: its weights are dequantized before the adapter is "
                        "merged, and the baked model is saved unquantized (quantize it again when you load it)")
     modules = sorted(source.kinds)
-    arch = architecture(base, modules, source.kinds, source.fan_in_fan_out)
+    arch = architecture(base)
     if not arch.known:
-        notices.append("could not build the model's module tree from config.json; using the adapter's "
-                       f"fan_in_fan_out={source.fan_in_fan_out} to decide weight layouts")
+        notices.append("could not build the model's module tree from config.json (unknown architecture); using "
+                       f"the adapter's fan_in_fan_out={source.fan_in_fan_out} for weight layouts, and tied "
+                       "weights could not be detected (check an embedding or lm_head LoRA by hand)")
     companions = bnb_companions(set(key_to_shard)) if quantized else {}
     state_keys = {c for cs in companions.values() for c in cs}
     stored = set(key_to_shard) - state_keys

@@ -248,10 +248,13 @@ def version() -> None:
 def _mount_subcommands() -> None:
     """Verb groups that live in their own files (artifacts, routing, serving, ecosystem)."""
     from .cli_artifacts import basis_app, twin_app
+    from .cli_ecosystem import bake_command, push_command
     from .cli_orthogonal import lori_app, osrm_app
 
     app.add_typer(basis_app, name="basis", help="Reversible basis merging (RMM): build a basis, extract any task.")
     app.add_typer(twin_app, name="twin", help="Twin-Merging bundles: shared adapter + compressed task experts.")
+    app.command("bake")(bake_command)
+    app.command("push")(push_command)
     app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")
     app.add_typer(lori_app, name="lori", help="LoRI: frozen random A, sparse B masks and checks.")
 

@@ -76,7 +76,8 @@ class LoriSpec:
         if self.a_init not in A_INITS:
             raise RecipeError(f"unknown LoRI A init '{self.a_init}'", fix=f"use one of {', '.join(A_INITS)}")
         if self.a_sharing not in ("independent", "shared"):
-            raise RecipeError(f"a_sharing must be 'independent' or 'shared', got '{self.a_sharing}'")
+            raise RecipeError(f"a_sharing must be 'independent' or 'shared', got '{self.a_sharing}'",
+                              fix="use a_sharing='independent' (default) or 'shared'")
         if self.r < 1:
             raise RecipeError(f"rank must be positive, got {self.r}", fix="pass r >= 1")
         if not isinstance(self.target_modules, str):
