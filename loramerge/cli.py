@@ -253,6 +253,11 @@ def _mount_subcommands() -> None:
 
     app.add_typer(basis_app, name="basis", help="Reversible basis merging (RMM): build a basis, extract any task.")
     app.add_typer(twin_app, name="twin", help="Twin-Merging bundles: shared adapter + compressed task experts.")
+    # The CLI is the application layer: it mounts the routers' and serving verbs. Library modules of
+    # the core never import loramerge.routers or loramerge.serving.
+    from loramerge.routers.cli import app as route_app
+
+    app.add_typer(route_app, name="route", help="Train and evaluate routers over LoRA adapters.")
     app.command("bake")(bake_command)
     app.command("push")(push_command)
     app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")

@@ -95,7 +95,7 @@ class GateState:
         self.version += 1
 
 
-def _align(gate: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def align_gate(gate: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Shape a gate (last dim = z's last dim) so it broadcasts against ``z`` (batch, seq, R) or (tokens, R).
 
     Per-sample gates (batch, R) get a sequence axis; a batch that generate() expanded (beams,
@@ -189,12 +189,12 @@ class GatedLoraLayer(GatedLayerBase):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         z = self.project(x)
-        gate = _align(self.unit_gate(), z)
+        gate = align_gate(self.unit_gate(), z)
         if self.gate is not None:
             learned = self.gate(x, z, self)
             if self.gate.level == "adapter":
                 learned = learned.index_select(-1, self.unit_adapter)
-            gate = gate * _align(learned.to(z.dtype), z)
+            gate = gate * align_gate(learned.to(z.dtype), z)
         return F.linear(z * gate, self.lora_B)
 
 
@@ -247,6 +247,11 @@ class GatedLora:
     @property
     def num_adapters(self) -> int:
         return len(self.adapter_names)
+
+    @property
+    def originals(self) -> dict[str, nn.Module]:
+        """The wrapped base modules by name (what ``detach`` puts back)."""
+        return dict(self._originals)
 
     def index(self, name: str) -> int:
         try:
