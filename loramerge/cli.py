@@ -226,13 +226,19 @@ def compare(
 def demo(
     workdir: Path = typer.Option(Path("demo_out"), "--workdir", "-w", help="Where the demo writes its model and adapters."),
 ) -> None:
-    """Build a tiny base model and adapters locally, merge them with several methods, compare, generate."""
+    """Build a tiny base model and adapters locally, merge them with several methods, compare, generate,
+    then answer routed requests."""
+    from loramerge.routers.demo import run_routed_demo
+
     from .demo import run_demo
 
     try:
         import torch
 
-        run_demo(workdir, threads=torch.get_num_threads(), console=console)
+        wide = console if console.width >= 140 or console.is_terminal else Console(width=140)
+        _, adapters = run_demo(workdir, threads=torch.get_num_threads(), console=wide)
+        wide.print("\n[bold]routing[/]: the prompt picks the adapters, per request, in one batched generate call")
+        run_routed_demo(Path(workdir) / "base", adapters, wide)
     except LoramergeError as exc:
         fail(exc)
 

@@ -74,7 +74,9 @@ DEMO_MERGES: list[tuple[str, dict]] = [
 ]
 
 
-def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None) -> list[CompareRow]:
+def run_demo(
+    workdir: Path, *, threads: int = 1, console: Console | None = None
+) -> tuple[list[CompareRow], dict[str, Path]]:
     from peft import PeftModel
 
     console = console or Console()
@@ -120,4 +122,4 @@ def run_demo(workdir: Path, *, threads: int = 1, console: Console | None = None)
             out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
         console.print(f"  {prompt!r:32} -> {tok.decode(out[0][ids['input_ids'].shape[1]:], skip_special_tokens=True)!r}")
     model.unload()
-    return rows
+    return rows, adapters
