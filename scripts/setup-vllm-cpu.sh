@@ -26,6 +26,10 @@ for gone in ("torchvision", "torchaudio", "torchcodec", "triton"):
     raise SystemExit(1)
 import fastapi, uvicorn, prometheus_client, httpx, openai, pytest  # noqa: F401
 import loramerge.serving  # noqa: F401
+# once pyproject declares the vLLM plugin entry point, the editable install must carry it
+if "vllm.general_plugins" in open("$ROOT/pyproject.toml").read():
+    eps = md.entry_points(group="vllm.general_plugins")
+    assert any(ep.value.startswith("loramerge.") for ep in eps)
 PY
 }
 

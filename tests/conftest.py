@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from loramerge.testing import make_adapter, save_base, tiny_gpt2, tiny_llama
 
 torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 
 @pytest.fixture(scope="session")
