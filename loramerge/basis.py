@@ -32,6 +32,7 @@ import torch
 
 from . import __version__
 from .adapter import LoraAdapter, LoraFactors, ModuleKind, load_adapter
+from .artifacts import read_manifest
 from .errors import AdapterLoadError, OutputError, RecipeError
 from .factored import factored_svd
 from .progress import progress_bar
@@ -232,19 +233,9 @@ class BasisArtifact:
 def load_basis(path: str | Path) -> BasisArtifact:
     """Open a basis directory written by ``build_basis``."""
     path = Path(path).expanduser()
-    manifest_path = path / MANIFEST_NAME
+    manifest = read_manifest(path, MANIFEST_NAME, BASIS_FORMAT, BASIS_FORMAT_VERSION, what="basis directory",
+                             verb="basis build")
     fix = "point at a directory written by `loramerge basis build`, or rebuild it"
-    if not manifest_path.is_file():
-        raise AdapterLoadError(f"not a basis directory: {MANIFEST_NAME} is missing", path=str(path), fix=fix)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{MANIFEST_NAME} is not valid JSON: {exc}", path=str(manifest_path), fix=fix) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != BASIS_FORMAT:
-        raise AdapterLoadError(f"{MANIFEST_NAME} is not a {BASIS_FORMAT} manifest", path=str(manifest_path), fix=fix)
-    if manifest.get("format_version", 0) > BASIS_FORMAT_VERSION:
-        raise AdapterLoadError(f"basis format version {manifest['format_version']} is newer than this loramerge "
-                               f"reads ({BASIS_FORMAT_VERSION})", path=str(manifest_path), fix="upgrade loramerge")
     if not (path / WEIGHTS_NAME).is_file():
         raise AdapterLoadError(f"{WEIGHTS_NAME} is missing", path=str(path), fix=fix)
     return BasisArtifact(path=path.resolve(), manifest=manifest)

@@ -11,14 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .cli_common import console, err_console, fail
 from .errors import LoramergeError
 
 app = typer.Typer(
     name="loramerge", no_args_is_help=True, add_completion=False,
     help="Merge, route and serve LoRA adapters in LoRA's own low-rank space.",
 )
-console = Console()
-err_console = Console(stderr=True)
 log = logging.getLogger("loramerge")
 
 
@@ -44,10 +43,6 @@ def _global(
     State.quiet = quiet
 
 
-def fail(exc: LoramergeError) -> None:
-    """Print a user-facing error and exit with its class's code."""
-    err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
-    raise typer.Exit(code=exc.exit_code)
 
 
 def _report_table(result) -> Table:

@@ -9,22 +9,17 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from .cli_common import console, fail
 from .errors import LoramergeError, RecipeError
 
 basis_app = typer.Typer(name="basis", no_args_is_help=True, add_completion=False,
                         help="Reversible basis merging (RMM): k basis factor sets + per-task coefficients.")
 twin_app = typer.Typer(name="twin", no_args_is_help=True, add_completion=False,
                        help="Twin-Merging bundles: a shared adapter + each task's compressed residual.")
-console = Console()
-err_console = Console(stderr=True)
 
 
-def _fail(exc: LoramergeError) -> None:
-    err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
-    raise typer.Exit(code=exc.exit_code)
 
 
 @basis_app.command("build")
@@ -43,7 +38,7 @@ def basis_build(
         artifact = build_basis(adapters, k, output, granularity=granularity, center=center,  # type: ignore[arg-type]
                                force=force, show_progress=True)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     manifest = artifact.manifest
     table = Table(title=f"basis k={manifest['k']} ({manifest['granularity']}) over {len(manifest['tasks'])} tasks")
@@ -70,7 +65,7 @@ def basis_extract(
     try:
         out = extract_task(basis_dir, task, output, force=force, dtype=dtype)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote {out}")
 
@@ -111,7 +106,7 @@ def twin_build(
                             residual_rank=residual_rank, residual_fraction=residual_fraction, seed=seed,
                             force=force, show_progress=True)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     manifest = bundle.manifest
     table = Table(title=f"twin bundle: shared {manifest['shared']['method']} (total rank "
@@ -138,7 +133,7 @@ def twin_compose(
     try:
         out = write_composed(bundle_dir, parse_weights(weights), output, force=force, dtype=dtype)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote {out}")
 

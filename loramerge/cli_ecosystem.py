@@ -10,18 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from .cli_common import console, fail
 from .errors import LoramergeError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Bake adapters into base models; push to the Hub.")
-console = Console()
-err_console = Console(stderr=True)
 
 
-def _fail(exc: LoramergeError) -> None:
-    err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
-    raise typer.Exit(code=exc.exit_code)
 
 
 def bake_command(
@@ -44,7 +39,7 @@ def bake_command(
         result = bake(adapter, base_model, output, dtype=dtype, force=force, revision=revision,
                       allow_pickle=allow_pickle, show_progress=not quiet)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote {result.output}  ({len(result.baked_modules)} weights changed, "
                   f"dtype {str(result.dtype).replace('torch.', '')})")
@@ -64,7 +59,7 @@ def push_command(
     try:
         result = push(folder, repo_id, private=private, token=token, revision=revision, commit_message=message)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"pushed {folder} to {result.repo_url}" + (f"  ({result.commit_url})" if result.commit_url else ""))
 

@@ -6,22 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .cli_common import console, fail
 from .errors import LoramergeError, OutputError, RecipeError
 
 osrm_app = typer.Typer(name="osrm", no_args_is_help=True, add_completion=False,
                        help="OSRM: LoRA A orthogonal to the other tasks' input features (set before training).")
 lori_app = typer.Typer(name="lori", no_args_is_help=True, add_completion=False,
                        help="LoRI: frozen random A, sparse B masks.")
-console = Console()
-err_console = Console(stderr=True)
 
 
-def _fail(exc: LoramergeError) -> None:
-    err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
-    raise typer.Exit(code=exc.exit_code)
 
 
 def _parse_sources(other: list[str]) -> dict[str, str]:
@@ -64,7 +59,7 @@ def osrm_init(
                                  max_length=max_length)
         path = init.save(output, force=force)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     table = Table(title=f"OSRM ({init.mode}) r={init.r} from {sum(init.tasks.values())} texts, {init.tokens} tokens")
     table.add_column("module")
@@ -92,7 +87,7 @@ def lori_masks(
         masks = extract_masks(adapter, sparsity=sparsity, scope=scope)  # type: ignore[arg-type]
         masks.save(output)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote {output}: kept {masks.kept()} of {masks.total()} B entries ({scope} scope)")
 
@@ -107,7 +102,7 @@ def lori_verify(adapter: Path = typer.Argument(..., help="A LoRI adapter directo
         verify_lori_adapter(adapter)
         sparsity = b_sparsity_of(adapter)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     table = Table(title=f"LoRI adapter: A regenerated from seed {spec.seed} ({spec.a_init}): identical")
     table.add_column("module")

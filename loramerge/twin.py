@@ -31,8 +31,9 @@ import torch
 
 from . import __version__
 from .adapter import LoraAdapter, LoraFactors, load_adapter
+from .artifacts import read_manifest
 from .basis import load_tasks
-from .errors import AdapterLoadError, NumericalError, OutputError, RecipeError
+from .errors import NumericalError, OutputError, RecipeError
 from .factored import factored_svd
 from .progress import progress_bar
 from .writer import OutputModule, atomic_directory, build_lora_config, check_output_path, write_adapter
@@ -170,19 +171,8 @@ class TwinBundle:
 def load_twin(path: str | Path) -> TwinBundle:
     """Open a bundle directory written by ``build_twin``."""
     path = Path(path).expanduser()
-    manifest_path = path / MANIFEST_NAME
-    fix = "point at a directory written by `loramerge twin build`, or rebuild it"
-    if not manifest_path.is_file():
-        raise AdapterLoadError(f"not a twin bundle: {MANIFEST_NAME} is missing", path=str(path), fix=fix)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(f"{MANIFEST_NAME} is not valid JSON: {exc}", path=str(manifest_path), fix=fix) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != TWIN_FORMAT:
-        raise AdapterLoadError(f"{MANIFEST_NAME} is not a {TWIN_FORMAT} manifest", path=str(manifest_path), fix=fix)
-    if manifest.get("format_version", 0) > TWIN_FORMAT_VERSION:
-        raise AdapterLoadError(f"twin format version {manifest['format_version']} is newer than this loramerge "
-                               f"reads ({TWIN_FORMAT_VERSION})", path=str(manifest_path), fix="upgrade loramerge")
+    manifest = read_manifest(path, MANIFEST_NAME, TWIN_FORMAT, TWIN_FORMAT_VERSION, what="twin bundle",
+                             verb="twin build")
     shared = load_adapter(path / SHARED_DIR, name="shared")
     residuals = {t["name"]: load_adapter(path / EXPERTS_DIR / t["name"], name=t["name"]) for t in manifest["tasks"]}
     return TwinBundle(path=path.resolve(), manifest=manifest, shared=shared, residuals=residuals)

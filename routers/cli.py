@@ -13,22 +13,17 @@ from typing import Any
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from loramerge.cli_common import console, fail
 from loramerge.errors import LoramergeError, RecipeError
 
 app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
                   help="Routers: pick each prompt's adapter mixture (centroid, knn, classifier, arrow, moe, lorahub).")
-console = Console()
-err_console = Console(stderr=True)
 
 KINDS = ("centroid", "knn", "classifier", "arrow", "moe", "lorahub")
 
 
-def _fail(exc: LoramergeError) -> None:
-    err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
-    raise typer.Exit(code=exc.exit_code)
 
 
 def parse_adapters(items: list[str]) -> tuple[list[str], list[str]]:
@@ -103,7 +98,7 @@ def train(
                               space=space, mode=mode, budget=budget, seed=seed)
         out = router.save(output, force=force)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     console.print(f"wrote a {router.kind} router over {', '.join(router.adapter_names)} to {out}")
 
@@ -205,7 +200,7 @@ def evaluate(
     try:
         result = evaluate_router(router_dir, data, base_model=base_model, adapters=adapters or [], twin=twin)
     except LoramergeError as exc:
-        _fail(exc)
+        fail(exc)
         return
     _print_eval(result)
     if json_out is not None:

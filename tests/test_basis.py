@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -14,6 +13,7 @@ from loramerge import load_adapter
 from loramerge.basis import MANIFEST_NAME, build_basis, extract_task, load_basis
 from loramerge.cli_artifacts import basis_app
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
+from loramerge.testing import assert_peft_forward, hidden_leftovers
 
 
 def _dense_canonical(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,22 +33,8 @@ def _best_error_sq(X: torch.Tensor, k: int, center: bool) -> float:
     return float((S[k:] ** 2).sum())
 
 
-def _leftovers(parent):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def _assert_peft_forward(base, adapter_dir, deltas: dict[str, torch.Tensor]) -> None:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
-    ref = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            ref.get_submodule(name).weight += delta.to(torch.float32)
-        ids = torch.randint(4, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-        got, want, plain = model(ids).logits, ref(ids).logits, base(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (want - plain).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +118,7 @@ def test_extracted_adapter_loads_in_peft(four_tasks, llama, tmp_path):
     for module in artifact.manifest["tasks"][1]["modules"]:
         f = artifact.task_factors(task, module)
         deltas[module] = f.B @ f.A
-    _assert_peft_forward(llama, out, deltas)
+    assert_peft_forward(llama, out, deltas)
 
 
 def test_extract_with_k_equal_n_gives_the_original_adapter(three_adapters, tmp_path):
@@ -167,7 +153,7 @@ def test_bad_inputs_give_clear_errors_and_leave_nothing(four_tasks, tmp_path):
         extract_task(tmp_path / "basis", load_basis(tmp_path / "basis").task_names[0], tmp_path / "task")
     with pytest.raises(AdapterLoadError, match="not a basis directory"):
         load_basis(tmp_path / "task")
-    assert _leftovers(tmp_path) == []
+    assert hidden_leftovers(tmp_path) == []
     rebuilt = build_basis(four_tasks, 1, tmp_path / "basis", force=True)
     assert rebuilt.k == 1
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,6 +12,7 @@ from loramerge.adapter import LoraFactors
 from loramerge.errors import RecipeError
 from loramerge.methods import ModuleInputs, get_method
 from loramerge.methods.lego import LegoConfig, Units, canonicalize, kmeans, lego_merge, lora_lego, shrink_adapter
+from loramerge.testing import assert_peft_forward
 
 EXACT = {"parameter_reweight": False, "output_reweight": "none"}
 
@@ -31,19 +31,6 @@ def _unit_products(B: torch.Tensor, A: torch.Tensor) -> list[torch.Tensor]:
     return [torch.outer(B[:, j].double(), A[j].double()) for j in range(A.shape[0])]
 
 
-def _assert_peft_forward(base, adapter_dir, deltas: dict[str, torch.Tensor]) -> None:
-    """PEFT's forward with the adapter equals the base model with W += delta (and differs from the base)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
-    ref = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            ref.get_submodule(name).weight += delta.to(torch.float32)
-        ids = torch.randint(4, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-        got, want, plain = model(ids).logits, ref(ids).logits, base(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (want - plain).abs().max() > 1e-3  # the delta is visible: the check can fail
 
 
 def _inputs(factors: list[LoraFactors], weights=None, seed=0) -> ModuleInputs:
@@ -193,7 +180,7 @@ def test_shrink_one_adapter_and_load_it_in_peft(adapter_factory, llama, tmp_path
     deltas = {name: saved.factors(name).delta() for name in saved.modules}
     for module in result.modules:
         torch.testing.assert_close(deltas[module.name], module.B @ module.A)
-    _assert_peft_forward(llama, tmp_path / "shrunk", deltas)
+    assert_peft_forward(llama, tmp_path / "shrunk", deltas)
 
 
 def test_registry_and_bad_parameters(three_adapters):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 from loramerge import load_adapter, merge
 from loramerge.cli_artifacts import twin_app
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
+from loramerge.testing import assert_peft_forward, hidden_leftovers
 from loramerge.twin import build_twin, compose_twin, load_twin, parse_weights, write_composed
 
 
@@ -35,22 +35,8 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def _leftovers(parent):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-def _assert_peft_forward(base, adapter_dir, deltas: dict[str, torch.Tensor]) -> None:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
-    ref = copy.deepcopy(base)
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            ref.get_submodule(name).weight += delta.to(torch.float32)
-        ids = torch.randint(4, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-        got, want, plain = model(ids).logits, ref(ids).logits, base(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (want - plain).abs().max() > 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +115,7 @@ def test_written_composition_loads_in_peft(bundle_rank2, llama, tmp_path):
     assert set(saved.modules) == set(composed)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny-llama"
-    _assert_peft_forward(llama, out, composed)
+    assert_peft_forward(llama, out, composed)
 
 
 def test_loader_api_for_routers(bundle_rank2):
@@ -166,7 +152,7 @@ def test_bad_inputs_give_clear_errors_and_leave_nothing(three_adapters, bundle_r
     with pytest.raises(AdapterLoadError, match="not a twin bundle"):
         load_twin(tmp_path / "exists")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
-    assert _leftovers(tmp_path) == [] and list((tmp_path / "exists").iterdir()) == []
+    assert hidden_leftovers(tmp_path) == [] and list((tmp_path / "exists").iterdir()) == []
 
 
 def test_cli_build_and_compose(three_adapters, tmp_path):
