@@ -418,3 +418,14 @@ __all__ = [
     "BasisArtifact", "BasisModule", "FactorPCA", "build_basis", "canonical_factors", "extract_task",
     "fit_factor_pca", "load_basis", "load_tasks", "product_error",
 ]
+
+
+def task_factors(basis_dir: str | Path, task: str) -> dict[str, LoraFactors]:
+    """One task's adapter rebuilt from a basis directory, module -> factors (the serving seam).
+
+    Raises KeyError for a task the basis does not hold.
+    """
+    artifact = load_basis(basis_dir)
+    if task not in artifact.task_names:
+        raise KeyError(task)
+    return {m.name: LoraFactors(A=m.A, B=m.B, kind=m.kind) for m in artifact.task_modules(task)}

@@ -356,3 +356,14 @@ __all__ = [
     "ResidualPolicy", "StackedModule", "TwinBundle", "build_twin", "compose_twin", "compress_residual",
     "load_twin", "parse_weights", "write_composed",
 ]
+
+
+def task_factors(bundle_dir: str | Path, task: str) -> dict[str, LoraFactors]:
+    """What a twin bundle runs for ``task`` alone: shared + that task's expert, module -> factors (exact).
+
+    The serving seam (``twin:BUNDLE/task``). Raises KeyError for a task the bundle does not hold.
+    """
+    bundle = load_twin(bundle_dir)
+    if task not in bundle.task_names:
+        raise KeyError(task)
+    return {m.name: LoraFactors(A=m.A, B=m.B, kind=m.kind) for m in compose_twin(bundle, {task: 1.0})}
