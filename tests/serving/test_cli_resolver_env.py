@@ -65,3 +65,30 @@ def test_resolver_configuration_from_env(adapter_root, tmp_path):
         composer_from_env({"LORAMERGE_ADAPTERS": "no-equals-sign"})
     with pytest.raises(CompositionError):
         composer_from_env({"LORAMERGE_MAX_LORA_RANK": "12", "LORAMERGE_ADAPTER_ROOTS": str(adapter_root)})
+
+
+def test_auto_with_a_real_router_artifact(serving_base, adapter_root, tmp_path):
+    """`serve --router DIR` with a centroid router over base-model embeddings: `auto` routes by the prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramerge.routers import CentroidRouter, PooledHiddenEmbedder
+    from loramerge.serving.background import BackgroundServer
+    from loramerge.serving.cli import load_router
+    from loramerge.serving.server import create_app
+
+    base_dir = serving_base[1]
+    model, tok = AutoModelForCausalLM.from_pretrained(base_dir), AutoTokenizer.from_pretrained(base_dir)
+    data = {"code": ["python function return value", "print loop list sort", "return value print loop"],
+            "math": ["one two three four", "five six seven eight", "add sum number answer"]}
+    CentroidRouter.fit(data, PooledHiddenEmbedder(model, tok)).save(tmp_path / "router")
+    router = load_router(tmp_path / "router", str(base_dir))
+    assert router.route(["python function print loop"])[0] == {"code": 1.0}
+    engine = build_engine(base=str(base_dir), adapters={}, roots=[adapter_root], router=router, backend="peft",
+                          served_name="tiny", max_lora_rank=16, max_loras=4, max_cpu_loras=None, max_model_len=None,
+                          dtype="auto", cache_dir=None, cache_size=4, enforce_eager=False, base_rows="auto")
+    with BackgroundServer(create_app(engine, served_name="tiny")) as url:
+        r = httpx.post(url + "/v1/completions", json={"model": "auto", "prompt": "six seven eight",
+                                                       "max_tokens": 2, "temperature": 0}, timeout=60)
+    engine.close()
+    assert r.status_code == 200, r.text
+    assert "math" in r.json()["composition"]["label"]
