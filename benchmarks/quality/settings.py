@@ -1,0 +1,25 @@
+"""Every knob of the quality benchmark in one place (the docs quote these)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    threads: int = 2
+    seed: int = 0
+    n_train: int = 48          # training examples per task
+    n_val: int = 20            # validation examples per task (hyperparameter choice only)
+    n_test: int = 40           # test examples per task (every reported number)
+    max_length: int = 80       # prompt tokens (left-truncated: the options and 'Answer:' are kept)
+    n_top: int = 2             # LoRA only in the top n_top of the 30 layers (the rest are frozen and cached)
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 3e-3
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
