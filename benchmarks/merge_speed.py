@@ -17,7 +17,10 @@ Measured per case:
 - peak extra resident memory: the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``), reset by writing
   ``5`` to ``/proc/self/clear_refs`` just before the first timed call, minus the resident size at that moment.
   tracemalloc does not see torch's allocations, and a sampling thread can miss short-lived peaks; the kernel's
-  high-water mark cannot. A fresh process per case keeps glibc's free lists from hiding allocations.
+  high-water mark cannot. A fresh process per case keeps glibc's free lists from hiding allocations, and a warm-up
+  call on a small module first pages in the library code (about 25 MiB), which is not merge memory.
+- peak live memory: glibc's ``mallinfo2`` bytes in use, sampled every millisecond during the same call: what the
+  program holds, without what the allocator keeps resident after frees (a lower bound; see ``LiveHeapSampler``).
 - each result's relative Frobenius error against the exact weighted sum ``sum_i w_i * scale * B_i A_i``, computed
   densely in float64 per module from the raw safetensors (independently of both tools), after the timed region.
   The worst module is reported. ``trunc. err`` is the error against the method's own dense result (what the
@@ -26,8 +29,8 @@ Measured per case:
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/merge_speed.py            # --quick: about 10 minutes on a 2-core CPU
-    .venv/bin/python benchmarks/merge_speed.py --full     # every shape, N and method: hours (PEFT's dense SVDs)
+    .venv/bin/python benchmarks/merge_speed.py            # --quick: about 12 minutes on a 2-core CPU
+    .venv/bin/python benchmarks/merge_speed.py --full     # every shape, N and method: about 4 hours (PEFT's SVDs)
     .venv/bin/python benchmarks/merge_speed.py --full --shapes 1b --n 4   # a subset
 """
 
@@ -44,10 +47,13 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -227,18 +233,69 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-def measure(run: Callable[[], Any], reset: Callable[[], None], repeats: int, budget_s: float) -> tuple[Any, list[float], float]:
-    """Time ``run`` (repeating while it is fast) and return (last output, times, peak extra MiB of the first call).
+class LiveHeapSampler:
+    """Peak of the bytes glibc's malloc has handed out and not got back (``mallinfo2``: heap in use + mmapped),
+    sampled every millisecond in a thread: what the program holds, without the allocator's retained free memory
+    or newly paged-in library code. A lower bound (it cannot see inside one long C call such as a LAPACK SVD's
+    workspace); ``None`` where glibc's mallinfo2 is missing."""
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        try:
+            import ctypes
+
+            class _MallInfo2(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_size_t) for name in (
+                    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                    "keepcost")]
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallinfo2.restype = _MallInfo2
+            self._mallinfo = libc.mallinfo2
+        except (OSError, AttributeError):
+            self._mallinfo = None
+
+    def _in_use(self) -> int:
+        info = self._mallinfo()
+        return info.uordblks + info.hblkhd
+
+    def _loop(self, baseline: int) -> None:
+        peak = 0
+        while not self._stop.is_set():
+            peak = max(peak, self._in_use() - baseline)
+            self.peak_bytes = peak
+            time.sleep(0.001)
+
+    def __enter__(self) -> LiveHeapSampler:
+        if self._mallinfo is not None:
+            self._thread = threading.Thread(target=self._loop, args=(self._in_use(),), daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mallinfo is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def measure(
+    run: Callable[[], Any], reset: Callable[[], None], repeats: int, budget_s: float
+) -> tuple[Any, list[float], float, float | None]:
+    """Time ``run`` (repeating while it is fast); return (last output, times, peak extra RSS MiB and peak live
+    heap MiB of the first call).
 
     ``reset`` undoes a run's side effects before the next repeat (PEFT keeps the merged adapter in the model).
     """
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     baseline = _status_kib("VmRSS")
-    started = time.perf_counter()
-    out = run()
-    times = [time.perf_counter() - started]
+    with LiveHeapSampler() as live:
+        started = time.perf_counter()
+        out = run()
+        times = [time.perf_counter() - started]
     peak_mib = (_status_kib("VmHWM") - baseline) / 1024
+    live_mib = None if live.peak_bytes is None else live.peak_bytes / MIB
     while len(times) < repeats and sum(times) < budget_s:
         del out
         reset()
@@ -246,7 +303,7 @@ def measure(run: Callable[[], Any], reset: Callable[[], None], repeats: int, bud
         started = time.perf_counter()
         out = run()
         times.append(time.perf_counter() - started)
-    return out, times, peak_mib
+    return out, times, peak_mib, live_mib
 
 
 # --------------------------------------------------------------------------------------------- one case (worker)
@@ -276,6 +333,7 @@ def _loramerge_direct(method: Method, dirs: list[str], weights: list[float]):
                 out[m] = compress_dense(result.delta, policy, inputs.ranks, seed=derive_seed(0, "compress", m))
             else:
                 out[m] = compress_factored(result.B, result.A, policy, inputs.ranks)
+            del result  # a module's dense delta must not outlive it (loramerge.merge keeps it one module longer)
         return out
 
     def collect(out: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[int], float]:
@@ -344,22 +402,59 @@ def _peft(method: Method, case: Case, dirs: list[str], weights: list[float]):
     return run, reset, collect
 
 
+WARMUP_SHAPE = (1024, 512)  # more than 4 * 65536 entries, so it takes the same code paths as a real module
+
+
+def warm_up(method: Method, n: int) -> None:
+    """Run the method once on a small module so that code paged in on first use is not counted as merge memory."""
+    gen = torch.Generator().manual_seed(0)
+    d_out, d_in = WARMUP_SHAPE
+    if method.side == "loramerge":
+        from loramerge import LoraFactors, RankPolicy, get_method
+        from loramerge.factored import compress_dense, compress_factored
+        from loramerge.methods import Dense, ModuleInputs
+
+        factors = tuple(LoraFactors(A=torch.randn(RANK, d_in, generator=gen), B=torch.randn(d_out, RANK, generator=gen))
+                        for _ in range(n))
+        inputs = ModuleInputs(name="warm-up", factors=factors, weights=tuple(adapter_weights(n)),
+                              adapter_names=tuple(f"w{i}" for i in range(n)))
+        merge_method = get_method(method.name)
+        result = merge_method.fn(merge_method.make_config(method.parameters), inputs)
+        policy = RankPolicy.parse(method.rank)
+        if isinstance(result, Dense):
+            compress_dense(result.delta, policy, inputs.ranks)
+        else:
+            compress_factored(result.B, result.A, policy, inputs.ranks)
+        return
+    from peft import LoraConfig, get_peft_model
+
+    stub = torch.nn.Module()
+    stub.proj = torch.nn.Linear(d_in, d_out, bias=False)
+    model = get_peft_model(stub, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False),
+                           adapter_name="w0")
+    for i in range(1, n):
+        model.add_adapter(f"w{i}", LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False))
+    model.add_weighted_adapter([f"w{i}" for i in range(n)], adapter_weights(n), "warm-up",
+                               combination_type=method.name, density=method.parameters.get("density"))
+
+
 def run_case(case: Case, dirs: list[str], threads: int, repeats: int, budget_s: float) -> dict[str, Any]:
     torch.set_num_threads(threads)
     method = METHODS[case.method]
     dirs = dirs[: case.n]
     weights = adapter_weights(case.n)
+    warm_up(method, case.n)
     if case.side == "peft":
         run, reset, collect = _peft(method, case, dirs, weights)
     elif case.side == "loramerge":
         run, reset, collect = _loramerge_direct(method, dirs, weights)
     else:
         run, reset, collect = _loramerge_api(method, dirs, weights)
-    out, times, peak_mib = measure(run, reset, repeats, budget_s)
+    out, times, peak_mib, live_mib = measure(run, reset, repeats, budget_s)
     deltas, ranks, trunc = collect(out)
     errors = relative_errors(deltas, reference_deltas(dirs, weights))
     return {
-        "times_s": times, "time_s": min(times), "peak_extra_mib": peak_mib,
+        "times_s": times, "time_s": min(times), "peak_extra_mib": peak_mib, "peak_live_mib": live_mib,
         "rank_min": min(ranks), "rank_max": max(ranks),
         "rel_error_max": max(errors.values()), "trunc_error_max": trunc, "threads": torch.get_num_threads(),
     }
@@ -376,6 +471,8 @@ def plan(args: argparse.Namespace) -> list[Case]:
 
     def add(shape: str, layers: int, targets: tuple[str, ...], n: int, keys: list[str]) -> None:
         for side in sides:
+            if side == "loramerge.merge" and targets != PROJECTIONS and not args.full:
+                continue  # the API rows matter for whole layers; each row costs a fresh process
             for key in keys:
                 if METHODS[key].side == side.split(".")[0] and _wanted(args, shape, n, key):
                     cases.append(Case(shape, layers, targets, n, side, key))
@@ -440,24 +537,30 @@ def _fmt_err(x: float) -> str:
     return "–" if x is None or math.isnan(x) else ("0" if x == 0 else f"{x:.2g}")
 
 
+def _fmt_mib(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}"
+
+
 def _largest_delta_mib(shape: Shape, targets: tuple[str, ...]) -> float:
     return max(math.prod(shape.dims(p)) for p in targets) * 4 / MIB
 
 
 def results_table(rows: list[tuple[Case, dict]]) -> list[str]:
     lines = [
-        "| shape | modules | N | tool | method | out rank | time | reps | peak extra MiB | rel. err vs Σ | trunc. err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | modules | N | tool | method | out rank | time | reps | peak extra RSS MiB | peak live MiB "
+        "| rel. err vs Σ | trunc. err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, r in rows:
         modules = f"{case.layers}×{len(case.targets)}" if len(case.targets) > 1 else f"{case.layers}×{case.targets[0]}"
         head = f"| {SHAPES[case.shape].name} | {modules} | {case.n} | {case.side} | {case.method} |"
         if r["status"] != "ok":
-            lines.append(f"{head} | {r['status']} | | | | |")
+            lines.append(f"{head} | {r['status']} | | | | | |")
             continue
         rank = str(r["rank_min"]) if r["rank_min"] == r["rank_max"] else f"{r['rank_min']}–{r['rank_max']}"
         lines.append(f"{head} {rank} | {_fmt_time(r['time_s'])} | {len(r['times_s'])} | {r['peak_extra_mib']:.0f} | "
-                     f"{_fmt_err(r['rel_error_max'])} | {_fmt_err(r['trunc_error_max'])} |")
+                     f"{_fmt_mib(r.get('peak_live_mib'))} | {_fmt_err(r['rel_error_max'])} | "
+                     f"{_fmt_err(r['trunc_error_max'])} |")
     return lines
 
 
@@ -485,15 +588,19 @@ def target_checks(rows: list[tuple[Case, dict]]) -> list[str]:
                     continue
                 speedup = b["time_s"] / a["time_s"]
                 ok_speed = "met" if speedup >= speed_target else "MISSED"
-                ok_mem = "met" if a["peak_extra_mib"] < mem_target else "MISSED"
+                live = a.get("peak_live_mib")
+                ok_rss = "met" if a["peak_extra_mib"] < mem_target else "MISSED"
+                ok_live = "–" if live is None else ("met" if live < mem_target else "MISSED")
                 lines.append(
                     f"| {n} | {kind} | {side}:{ours} vs peft:{theirs} | {speedup:,.0f}× (≥ {speed_target:,.0f}×: "
-                    f"{ok_speed}) | {a['peak_extra_mib']:.0f} MiB vs {b['peak_extra_mib']:.0f} MiB "
-                    f"(< {mem_target:.0f} MiB: {ok_mem}) |")
+                    f"{ok_speed}) | < {mem_target:.0f} MiB | {a['peak_extra_mib']:.0f} MiB ({ok_rss}) vs "
+                    f"{b['peak_extra_mib']:.0f} MiB | {_fmt_mib(live)} MiB ({ok_live}) vs "
+                    f"{_fmt_mib(b.get('peak_live_mib'))} MiB |")
     if not lines:
         return []
-    return ["| N | kind | comparison (full 1B-shaped layer) | speed-up | peak extra memory, ours vs PEFT |",
-            "|---|---|---|---|---|", *lines]
+    return ["| N | kind | comparison (full 1B-shaped layer) | speed-up | memory target | peak extra RSS, ours vs PEFT "
+            "| peak live heap, ours vs PEFT |",
+            "|---|---|---|---|---|---|---|", *lines]
 
 
 def write_markdown(path: Path, rows, env: dict, args: argparse.Namespace) -> None:
@@ -518,7 +625,14 @@ def write_markdown(path: Path, rows, env: dict, args: argparse.Namespace) -> Non
         f"{args.repeat_budget:g} s are repeated (up to {args.repeats}) and the minimum is shown.",
         "- Peak extra memory: the kernel's resident high-water mark (`VmHWM`, reset through "
         "`/proc/self/clear_refs`) during the first call minus the resident size just before it, one fresh process "
-        "per case. tracemalloc does not see torch's allocations and a sampling thread misses short peaks.",
+        "per case. tracemalloc does not see torch's allocations and a sampling thread misses short peaks. Each "
+        f"worker first runs the same method once on a small {WARMUP_SHAPE[0]}×{WARMUP_SHAPE[1]} module, so that "
+        "library code paged in on first use (about 25 MiB of libtorch/MKL) is not counted; what glibc's allocator "
+        "keeps resident after frees is counted.",
+        "- Peak live memory: glibc `mallinfo2()` bytes in use (heap + mmapped), sampled every millisecond in a "
+        "thread during the same first call, minus the value before it: what the program holds, without allocator "
+        "retention or paged-in code. A lower bound (it cannot look inside one long C call, e.g. LAPACK's SVD "
+        "workspace).",
         "- Errors: relative Frobenius error of the merged delta against the exact Σ wᵢ·scale·BᵢAᵢ (float64, dense, "
         "from the raw safetensors), worst module. For TIES/DARE the distance to Σ is what the method does, not a "
         "defect; `trunc. err` is the error against the method's own dense result (what the rank cut cost).",
@@ -608,6 +722,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the stub base has no hub id; keep PEFT from looking it up
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     if args.worker:
         job = json.loads(args.worker)
         c = job["case"]

@@ -30,7 +30,7 @@ from loramerge.methods.spectral import (
 )
 from loramerge.ops import bernoulli_mask, generator_for, topk_threshold
 
-NUMERICAL_ZERO = 1e-9
+NUMERICAL_ZERO = 1e-6  # float32 deltas carry noise singular values ~1e-8 of the largest
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------------
@@ -397,8 +397,10 @@ def test_merge_driver_matches_dense_reference(method, three_adapters, peft_delta
     expected = _reference_merge(method, peft_deltas, _WEIGHTS, names)
     got = {name: f.delta().double() for name, f in result.factors().items()}
     assert got.keys() == expected.keys()
+    # The reference starts from PEFT's float32 deltas; choosing a subspace (Iso-CTS) amplifies their
+    # ~1e-7 rounding by 1 / (relative singular-value gap), hence a looser bound than the unit oracles above.
     for name in expected:
-        assert close(got[name], expected[name], 1e-4), name
+        assert close(got[name], expected[name], 5e-4), name
 
 
 @pytest.mark.parametrize("method", ["iso_cts", "knots"])

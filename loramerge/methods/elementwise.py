@@ -19,11 +19,13 @@ from pydantic import Field, model_validator
 
 from ..ops import (
     band_mask,
-    elect_positive,
+    chunked_drop,
+    elect_sign_int8,
     flat_chunks,
     generator_for,
     magprune_keep_probs,
     random_drop_,
+    replay_drop_,
     topk_threshold,
     zero_below_,
 )
@@ -64,8 +66,8 @@ def _sign_resolved_merge(
 
     Two passes over the adapters (the sparsifier must be deterministic): the
     first accumulates the mass for the election, the second the agreeing values.
-    The elected sign is kept as a boolean (positive or not) and agreement counts
-    as small integers, so the second pass holds about 2.5 dense deltas.
+    The elected sign is kept as int8 (+1/-1) and agreement counts as small
+    integers, so the second pass holds about 2.5 dense deltas.
     """
     buf, mass = None, None
     for t in range(len(inputs.factors)):
@@ -74,25 +76,26 @@ def _sign_resolved_merge(
         if mass is None:
             mass = torch.sign(d) if majority_sign == "frequency" else d.clone()
         elif majority_sign == "frequency":
-            for m, x in flat_chunks(mass, d):
+            for m, x in flat_chunks(mass, d.contiguous()):
                 m.add_(torch.sign(x))
         else:
             mass.add_(d)
-    positive = elect_positive(mass)
-    del mass
-    acc = torch.zeros_like(buf)
+    buf = d = None  # not needed during the election; the second pass takes a fresh buffer
+    sign = elect_sign_int8(mass)
+    acc = mass.zero_()  # the mass's memory becomes the accumulator
     by_weight = denominator == "weight"
-    norm = torch.zeros_like(buf) if by_weight else torch.zeros(buf.shape, dtype=torch.int32, device=buf.device)
+    count_dtype = torch.uint8 if len(inputs.factors) < 256 else torch.int32
+    norm = torch.zeros_like(acc) if by_weight else torch.zeros(acc.shape, dtype=count_dtype, device=acc.device)
     for t in range(len(inputs.factors)):
         buf = _dense(inputs, t, buf)
         d = sparsify(t, buf).contiguous()
         weight = abs(inputs.weights[t])
-        for a, n, x, pos in flat_chunks(acc, norm, d, positive):
-            agree = torch.where(pos, x > 0, x < 0)  # x != 0 with the elected sign
+        for a, n, x, s in flat_chunks(acc, norm, d, sign):
+            agree = (x * s) > 0  # x != 0 and has the elected sign (x * +-1 is exact)
             if merge_func == "max":
                 a.copy_(torch.where(agree & (x.abs() > a.abs()), x, a))
                 continue
-            a.add_(torch.where(agree, x, 0.0))
+            a.add_(x * agree)  # x where it agrees, +-0.0 elsewhere: the same sums as where(agree, x, 0.0)
             if by_weight:
                 n.add_(agree.to(n.dtype) * weight)
             else:
@@ -134,12 +137,21 @@ class DareTiesConfig(DareConfig):
     majority_sign: Literal["total", "frequency"] = "total"
 
 
-def _dare(cfg: DareConfig, inputs: ModuleInputs) -> Sparsifier:
+def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) -> Sparsifier:
+    """The seeded random drop. With ``keep_masks`` (two-pass merges), each adapter's mask is kept bit-packed
+    after its first use and replayed on the second: the same mask, without drawing it again."""
+    masks: dict[int, torch.Tensor] = {}
+
     def drop(t: int, d: torch.Tensor) -> torch.Tensor:
         if cfg.density >= 1.0:
             return d
+        if t in masks:
+            return replay_drop_(d, masks[t], cfg.density, cfg.rescale)
         gen = generator_for(inputs.seed, "dare", inputs.name, inputs.adapter_names[t], device=d.device)
-        return random_drop_(d, cfg.density, gen, cfg.rescale)
+        if not (keep_masks and chunked_drop(d)):
+            return random_drop_(d, cfg.density, gen, cfg.rescale)
+        masks[t] = torch.empty((d.numel() + 7) // 8, dtype=torch.uint8)
+        return random_drop_(d, cfg.density, gen, cfg.rescale, record=masks[t])
 
     return drop
 
@@ -151,7 +163,8 @@ def dare_linear(cfg: DareConfig, inputs: ModuleInputs) -> Dense:
 
 def dare_ties(cfg: DareTiesConfig, inputs: ModuleInputs) -> Dense:
     """DARE's random drop followed by TIES sign election and disjoint mean."""
-    return Dense(_sign_resolved_merge(inputs, _dare(cfg, inputs), "mean", cfg.majority_sign).mul_(cfg.lambda_))
+    drop = _dare(cfg, inputs, keep_masks=True)
+    return Dense(_sign_resolved_merge(inputs, drop, "mean", cfg.majority_sign).mul_(cfg.lambda_))
 
 
 class DellaConfig(MethodConfig):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from ..factored import DEFAULT_RTOL, concat_factors, factored_svd
+from ..factored import DEFAULT_RTOL, concat_factors
 from .base import Factored, MergeMethod, MethodConfig, ModuleInputs
 
 
@@ -36,9 +36,21 @@ class Triplets:
         return self.top(int((self.S > threshold).sum()))
 
 
-def svd_of(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL) -> Triplets:
-    """Thin SVD of ``B @ A`` from the factors (numerical zeros dropped)."""
-    return Triplets(*factored_svd(B, A, rtol=rtol))
+def svd_of(B: torch.Tensor, A: torch.Tensor, rtol: float = DEFAULT_RTOL, *, precise: bool = True) -> Triplets:
+    """Thin SVD of ``B @ A`` from the factors (numerical zeros dropped), returned in float64.
+
+    QR of B and of A^T plus an SVD of the small core in float64, as in ``factored_svd``.
+    ``precise`` keeps the QRs in float64 too: Iso-CTS subtracts projections and
+    TSV-M / Iso-CTS orthogonalise stacks of these vectors, where float32 loses digits.
+    """
+    work = torch.float64 if precise else torch.float32
+    Q_B, R_B = torch.linalg.qr(B.to(work), mode="reduced")
+    Q_A, R_A = torch.linalg.qr(A.T.to(work), mode="reduced")
+    U_c, S, Vh_c = torch.linalg.svd(R_B.double() @ R_A.double().T, full_matrices=False)
+    keep = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    U = Q_B @ U_c[:, :keep].to(work)
+    Vh = (Q_A @ Vh_c[:keep].T.to(work)).T
+    return Triplets(U.double(), S[:keep], Vh.double())
 
 
 def task_svds(inputs: ModuleInputs) -> list[Triplets]:
@@ -46,10 +58,10 @@ def task_svds(inputs: ModuleInputs) -> list[Triplets]:
     return [svd_of(w * f.B, f.A) for f, w in inputs.weighted()]
 
 
-def sum_svd(inputs: ModuleInputs, rtol: float) -> Triplets:
+def sum_svd(inputs: ModuleInputs, rtol: float, *, precise: bool = True) -> Triplets:
     """The SVD of ``sum_t w_t B_t A_t`` restricted to values above ``rtol * sigma_1`` (the numerical rank)."""
     B, A = concat_factors(inputs.factors, inputs.weights)
-    return svd_of(B, A, rtol=max(rtol, DEFAULT_RTOL))
+    return svd_of(B, A, rtol=max(rtol, DEFAULT_RTOL), precise=precise)
 
 
 def polar(X: torch.Tensor) -> torch.Tensor:
@@ -63,9 +75,9 @@ def polar(X: torch.Tensor) -> torch.Tensor:
     if work.shape[0] >= work.shape[1]:
         Q, R = torch.linalg.qr(work, mode="reduced")
         P, _, Qh = torch.linalg.svd(R)
-        return ((Q @ P) @ Qh).to(X.dtype)
+        return Q @ (P @ Qh)
     P, _, Qh = torch.linalg.svd(work, full_matrices=False)
-    return (P @ Qh).to(X.dtype)
+    return P @ Qh
 
 
 def zero_result(inputs: ModuleInputs) -> Factored:
@@ -74,11 +86,11 @@ def zero_result(inputs: ModuleInputs) -> Factored:
     return Factored(B=torch.zeros(f.d_out, 1, dtype=f.B.dtype), A=torch.zeros(1, f.d_in, dtype=f.A.dtype))
 
 
-def balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float) -> Factored:
-    """``scale * U diag(S) Vh`` as LoRA factors with the magnitude split evenly between B and A."""
-    root = (abs(scale) * S).sqrt()
-    sign = -1.0 if scale < 0 else 1.0
-    return Factored(B=sign * U * root, A=root[:, None] * Vh)
+def balanced(parts: Triplets, scale: float, dtype: torch.dtype) -> Factored:
+    """``scale * U diag(S) Vh`` as LoRA factors in ``dtype``, the magnitude split evenly between B and A."""
+    root = (abs(scale) * parts.S).sqrt().to(dtype)
+    B = parts.U.to(dtype).mul_(-root if scale < 0 else root)
+    return Factored(B=B, A=parts.Vh.to(dtype).mul_(root[:, None]))
 
 
 def stack(parts: Sequence[Triplets]) -> Triplets:
@@ -106,14 +118,18 @@ class TsvConfig(MethodConfig):
 
 
 def tsv(cfg: TsvConfig, inputs: ModuleInputs) -> Factored:
-    """TSV-M: each task's top singular triplets, both vector stacks Procrustes-orthogonalised, values kept."""
+    """TSV-M: each task's top singular triplets, both vector stacks Procrustes-orthogonalised, values kept.
+
+    A task contributes at most its numerical rank (never null-space vectors with zero singular values,
+    which would still move the Procrustes projection); with the default budget that is every LoRA component.
+    """
     f = inputs.factors[0]
     budget = cfg.k_per_task or max(min(f.d_out, f.d_in) // len(inputs.factors), 1)
     parts = [t.top(budget) for t in task_svds(inputs)]
     if sum(p.S.numel() for p in parts) == 0:
         return zero_result(inputs)
     merged = orthogonalised(parts)
-    return balanced(merged.U, merged.S, merged.Vh, cfg.lambda_)
+    return balanced(merged, cfg.lambda_, inputs.factors[0].B.dtype)
 
 
 # --- Iso-C and Iso-CTS ---------------------------------------------------------------------------------------------
@@ -130,11 +146,11 @@ class IsoCConfig(MethodConfig):
 
 def iso_c(cfg: IsoCConfig, inputs: ModuleInputs) -> Factored:
     """Iso-C on the non-zero spectrum of the sum: ``mean(S) * U V^T`` over the numerical rank of sum_t tau_t."""
-    total = sum_svd(inputs, cfg.spectrum_rtol)
+    total = sum_svd(inputs, cfg.spectrum_rtol, precise=False)  # no cancellation here: float32 QRs suffice
     if total.S.numel() == 0:
         return zero_result(inputs)
     flat = torch.full_like(total.S, float(total.S.double().mean()))
-    return balanced(total.U, flat, total.Vh, cfg.lambda_)
+    return balanced(Triplets(total.U, flat, total.Vh), cfg.lambda_, inputs.factors[0].B.dtype)
 
 
 class IsoCtsConfig(MethodConfig):
@@ -169,12 +185,14 @@ def iso_cts(cfg: IsoCtsConfig, inputs: ModuleInputs) -> Factored:
     parts = [common]
     if per_task > 0:
         for factors, w in inputs.weighted():
-            B = w * factors.B
+            B = w * factors.B.double()
             outside = B - common.U @ (common.U.T @ B)
             parts.append(svd_of(outside, factors.A).above(floor).top(per_task))
+    if sum(p.S.numel() for p in parts) == 0:
+        return zero_result(inputs)
     merged = orthogonalised(parts)
     flat = torch.full_like(merged.S, float(merged.S.double().mean()))
-    return balanced(merged.U, flat, merged.Vh, cfg.lambda_)
+    return balanced(Triplets(merged.U, flat, merged.Vh), cfg.lambda_, inputs.factors[0].B.dtype)
 
 
 # --- STAR ----------------------------------------------------------------------------------------------------------
@@ -190,12 +208,12 @@ def star_truncate(task: Triplets, eta: float) -> Triplets:
     """Keep the fewest top singular values holding eta % of the nuclear norm, rescaled to the full nuclear norm."""
     if task.S.numel() == 0:
         return task
-    S = task.S.double()
+    S = task.S
     nuclear = S.sum()
     keep = min(int(torch.searchsorted(torch.cumsum(S, 0), nuclear * eta / 100.0)) + 1, S.numel())
     kept = task.top(keep)
     rescaled = S[:keep] * (nuclear / S[:keep].sum())
-    return Triplets(kept.U, rescaled.to(task.S.dtype), kept.Vh)
+    return Triplets(kept.U, rescaled, kept.Vh)
 
 
 def star(cfg: StarConfig, inputs: ModuleInputs) -> Factored:
@@ -209,8 +227,7 @@ def star(cfg: StarConfig, inputs: ModuleInputs) -> Factored:
         if math.isclose(weight_sum, 0.0, abs_tol=1e-12):
             raise ValueError("normalize divides by the sum of the weights, which is zero; set normalize: false")
         scale /= weight_sum
-    merged = stack(parts)
-    return balanced(merged.U, merged.S, merged.Vh, scale)
+    return balanced(stack(parts), scale, inputs.factors[0].B.dtype)
 
 
 _ISO_PAPER = ("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
