@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from loramerge.serving.compose import AdapterCatalog, Composer
@@ -15,6 +17,11 @@ MODELS = ["base", "code", "math", "chat", "wide", "mix:code=0.7,math=0.3", "mix:
 
 @pytest.fixture(scope="module")
 def engine(serving_base, adapter_root, tmp_path_factory):
+    # This engine runs WITHOUT the plugin's CPU base-row fix (installed packages load it through the
+    # vllm.general_plugins entry point): it tests the zero-adapter workaround on its own, and lets
+    # test_base_rows_are_wrong_without_the_workaround show the upstream bug.
+    previous = os.environ.get("LORAMERGE_VLLM_CPU_FIX")
+    os.environ["LORAMERGE_VLLM_CPU_FIX"] = "0"
     composer = Composer(AdapterCatalog(roots=[adapter_root]), max_rank=16, cache_dir=tmp_path_factory.mktemp("c"),
                         device="cpu")
     settings = VLLMSettings(model=str(serving_base[1]), max_lora_rank=16, max_loras=4, max_cpu_loras=8,
@@ -22,6 +29,10 @@ def engine(serving_base, adapter_root, tmp_path_factory):
     eng = VLLMEngine(composer, settings)
     yield eng
     eng.close()
+    if previous is None:
+        os.environ.pop("LORAMERGE_VLLM_CPU_FIX", None)
+    else:
+        os.environ["LORAMERGE_VLLM_CPU_FIX"] = previous
 
 
 def expected(engine, oracle, out, model):
