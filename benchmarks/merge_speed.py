@@ -646,51 +646,58 @@ def write_markdown(path: Path, rows, env: dict, args: argparse.Namespace) -> Non
     checks = target_checks(rows)
     if checks:
         text += ["## Targets (issue 2)", "", *checks, ""]
+    raw = [asdict(case) | result for case, result in rows]
+    text += ["<!-- raw results (JSON), for re-plotting:", json.dumps(raw), "-->", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(text))
 
 
 def write_plot(path: Path, rows, env: dict) -> None:
+    """Left: time per method on one whole layer (labels: peak extra RSS). Right: time against N."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [(c, r) for c, r in rows if r["status"] == "ok"]
-    layer = [(c, r) for c, r in ok if c.shape == "1b" and c.targets == PROJECTIONS and c.n == 4]
-    one = [(c, r) for c, r in ok if c.targets == ONE_MLP or (c.shape == "1b" and c.targets == PROJECTIONS)]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    colors = {"loramerge": "#2a7ab9", "loramerge.merge": "#7fb8e0", "peft": "#d0603a"}
+    layers = [(c, r) for c, r in ok if c.targets == PROJECTIONS]
+    headline = [(c, r) for c, r in layers if (c.shape, c.n) == (layers[0][0].shape, 4)] if layers else []
+    headline = headline or [(c, r) for c, r in layers if (c.shape, c.n) == (layers[0][0].shape, layers[0][0].n)]
+    one = [(c, r) for c, r in ok if c.targets == ONE_MLP]
+    scaling = one or [(c, r) for c, r in layers if c.shape == (layers[0][0].shape if layers else "1b")]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.15, 1]})
+    side_colors = {"loramerge": "#2a7ab9", "loramerge.merge": "#7fb8e0", "peft": "#d0603a"}
     ax = axes[0]
-    if layer:
-        labels = [f"{c.side}\n{c.method}" for c, _ in layer]
-        bars = ax.bar(range(len(layer)), [r["time_s"] for _, r in layer], color=[colors[c.side] for c, _ in layer])
-        for bar, (_, r) in zip(bars, layer):
+    if headline:
+        first = headline[0][0]
+        bars = ax.bar(range(len(headline)), [r["time_s"] for _, r in headline],
+                      color=[side_colors[c.side] for c, _ in headline])
+        for bar, (_, r) in zip(bars, headline, strict=True):
             ax.annotate(f"{r['peak_extra_mib']:.0f} MiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(range(len(layer)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(headline)), [f"{c.side}\n{c.method}" for c, _ in headline], rotation=60,
+                      ha="right", fontsize=7)
         ax.set_yscale("log")
-        ax.set_ylabel("wall time (s, log)")
-        ax.set_title("one Llama-3.2-1B-shaped layer (7 projections), N=4, rank 16\n(labels: peak extra memory)",
-                     fontsize=9)
+        ax.set_ylabel("wall time (s, log scale)")
+        ax.set_title(f"{first.layers} {SHAPES[first.shape].name}-shaped layer(s), 7 projections, N={first.n}, "
+                     f"rank {RANK}\n(bar labels: peak extra RSS)", fontsize=9)
     ax = axes[1]
-    by_series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-    for c, r in one:
-        where = "up_proj" if c.targets == ONE_MLP else "full layer"
-        if c.side == "loramerge.merge":
-            continue
-        by_series.setdefault((c.side, c.method, where), []).append((c.n, r["time_s"]))
-    for (side, method, where), pts in sorted(by_series.items()):
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for c, r in scaling:
+        if c.side != "loramerge.merge":
+            series.setdefault((c.side, c.method), []).append((c.n, r["time_s"]))
+    palette = plt.get_cmap("tab10")
+    for i, ((side, method), pts) in enumerate(sorted(series.items())):
         pts.sort()
-        style = "-o" if where == "up_proj" else ":s"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[side], alpha=0.9,
-                label=f"{side}:{method} ({where})")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if side == "loramerge" else "--s", color=palette(i),
+                label=f"{side}: {method}")
+    where = f"one {ONE_MLP[0]} ({' x '.join(map(str, SHAPES['1b'].dims(ONE_MLP[0])))})" if one else "whole layer"
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("number of adapters N")
-    ax.set_ylabel("wall time (s, log)")
-    ax.set_title("scaling with N (1B shapes)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("wall time (s, log scale)")
+    ax.set_title(f"time against N, {where}", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"loramerge vs PEFT add_weighted_adapter: {env['cpu']}, {env['threads']} thread(s), "
                  f"torch {env['torch']}, peft {env['peft']}, {env['date']}", fontsize=9)
     fig.tight_layout()

@@ -89,8 +89,8 @@ def zero_result(inputs: ModuleInputs) -> Factored:
 def balanced(parts: Triplets, scale: float, dtype: torch.dtype) -> Factored:
     """``scale * U diag(S) Vh`` as LoRA factors in ``dtype``, the magnitude split evenly between B and A."""
     root = (abs(scale) * parts.S).sqrt().to(dtype)
-    B = parts.U.to(dtype).mul_(-root if scale < 0 else root)
-    return Factored(B=B, A=parts.Vh.to(dtype).mul_(root[:, None]))
+    B = parts.U.to(dtype, copy=True).mul_(-root if scale < 0 else root)
+    return Factored(B=B, A=parts.Vh.to(dtype, copy=True).mul_(root[:, None]))
 
 
 def stack(parts: Sequence[Triplets]) -> Triplets:
