@@ -104,7 +104,9 @@ def random_drop_(
     """In place DARE: zero each entry with probability ``1 - density`` (then divide by ``density`` if ``rescale``).
 
     Draws exactly the mask ``bernoulli_mask(x.shape, density, generator)`` would: on CPU the Bernoulli draws are
-    serial in memory order, so drawing chunk after chunk from one generator gives the same stream. Dropped
+    serial in memory order, so drawing chunk after chunk from one generator gives the same stream, and
+    ``torch.bernoulli`` with a float32 probability keeps an entry when the float32 uniform drawn from the same
+    32-bit random number is below it, which is ``torch.rand(...) < density`` (about 3.5x faster). Dropped
     entries are multiplied by 0.0 (much faster than masked_fill_), so a dropped negative entry reads -0.0,
     which equals 0.0 in every comparison and sum. ``record`` (only where ``chunked_drop(x)``), a uint8 tensor of
     ``ceil(numel / 8)`` bytes, receives the mask bit-packed (1/32 of a float32 delta), so that ``replay_drop_``
@@ -115,10 +117,9 @@ def random_drop_(
             raise ValueError("a DARE mask can be recorded only for a contiguous CPU tensor")
         x.masked_fill_(~bernoulli_mask(x.shape, density, generator, device=x.device), 0.0)
         return x.div_(density) if rescale else x
-    probs = torch.full((1,), float(density))
     for i, (chunk,) in enumerate(flat_chunks(x)):
-        keep = torch.bernoulli(probs.expand(chunk.shape), generator=generator)
-        chunk.mul_(keep)  # x * 1.0 or x * 0.0
+        keep = torch.rand(chunk.shape, generator=generator, dtype=torch.float32) < density
+        chunk.mul_(keep)  # x * 1 or x * 0
         if rescale:
             chunk.div_(density)
         if record is not None:
