@@ -191,17 +191,23 @@ def magprune_keep_probs(x: torch.Tensor, density: float, epsilon: float) -> torc
 
 def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the top ``gamma`` fraction (outliers) and the smallest entries,
-    keeping a band of ``density`` of the entries just below the outliers."""
+    keeping a band of ``density`` of the entries just below the outliers.
+
+    The band is cut by two order statistics of ``|x|`` (``kth_smallest_abs``: no full sort), so with distinct
+    magnitudes it is exactly ranks ``[gamma n, gamma n + density n)`` of the descending order; entries tied
+    with a boundary value are all kept (a sort would split them arbitrarily).
+    """
     n = x.numel()
-    a = x.abs().reshape(-1)
     n_top = int(gamma * n)
     n_keep = int(density * n)
-    if n_keep <= 0:
+    if n_keep <= 0 or n_top >= n:
         return torch.zeros_like(x, dtype=torch.bool)
-    order = torch.argsort(a, descending=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=x.device)
-    keep[order[n_top:n_top + n_keep]] = True
-    return keep.reshape(x.shape)
+    a = x.abs()
+    keep = a <= kth_smallest_abs(x, n - n_top)
+    lowest = n - n_top - n_keep + 1  # ascending rank of the smallest entry kept
+    if lowest > 1:
+        keep &= a >= kth_smallest_abs(x, lowest)
+    return keep
 
 
 def elect_sign(mass: torch.Tensor) -> torch.Tensor:

@@ -226,3 +226,14 @@ def test_chunked_drop_draws_the_same_mask_as_bernoulli(rescale):
     torch.testing.assert_close(dropped, expected, rtol=0, atol=0)
     torch.testing.assert_close(replay_drop_(x.clone(), record, density, rescale), expected, rtol=0, atol=0)
     assert 0.28 < float((dropped != 0).float().mean()) < 0.32
+
+
+@pytest.mark.parametrize("density,gamma", [(0.3, 0.05), (0.9, 0.1), (0.2, 0.0), (1.0, 0.0)])
+def test_breadcrumbs_band_is_the_sorted_band(density, gamma):
+    """band_mask (two order statistics, no sort) keeps exactly descending ranks [gamma n, (gamma + density) n),
+    also on a tensor big enough for the sampled order statistics."""
+    from loramerge.ops import band_mask
+
+    x = torch.randn(700, 1100, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(torch.where(band_mask(x, density, gamma), x, torch.zeros_like(x)),
+                               ref_breadcrumbs(x, density, gamma), rtol=0, atol=0)
