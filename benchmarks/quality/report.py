@@ -268,7 +268,9 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "saved once as a plain safetensors `LlamaForCausalLM` in the cache.",
         "- Tasks: BIG-bench `task.json` files read from the `bigbench==1.0.0` sdist (`pip download --no-deps`; "
         "not installed). Each example is lettered multiple choice (`Options: A. ... Answer:`); the score of an "
-        "option is the log-likelihood of its letter after `Answer:` (one forward per example).",
+        "option is the log-likelihood of its letter after `Answer:` (one forward per example). Where a task's "
+        "listed option order gives the answer away (BIG-bench arithmetic lists the correct result last in "
+        "90-99% of its examples) the options are shuffled with a fixed seed; the other tasks keep their order.",
         f"- Splits (fixed, seed {s['seed']}): {s['n_train']} train / {s['n_val']} validation / {s['n_test']} test "
         f"examples per task; prompts left-truncated to {s['max_length']} tokens. Sized so that the whole "
         f"benchmark fits 90 minutes on 2 cores: with {s['n_test']} test examples per task one example is "
@@ -282,8 +284,9 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "states are computed once and cached, so training and every evaluation run only the top layers.",
         "- Merging: every method in `loramerge.methods.REGISTRY` plus `task_arithmetic+factorwise` (the recipe's "
         "`factorwise=True`), all 6 adapters at weight 1. A method's `lambda` (LoRA-LEGO: `gamma`) is chosen from "
-        "{0.25, 0.5, 1.0, 2.0}, crossed with `density` in {0.2, 0.5} where the method has one (plain LoRAs; the "
-        "OSRM and LoRI sweeps use the scale grid only), by mean normalized **validation** accuracy; other "
+        "{0.25, 0.5, 1.0, 2.0} (for the methods with a `density` on the plain LoRAs: lambda in {0.5, 1.0, 2.0} "
+        "crossed with density in {0.2, 0.5}; the OSRM and LoRI sweeps use the scale grid only) by mean "
+        "normalized **validation** accuracy; other "
         "parameters keep their defaults. `ties@exact` / `dare_ties@exact`: the same merges at the hyperparameters "
         "chosen for them, stored with `rank: exact` instead of the default `rank: auto`. "
         "Methods whose output changes with the seed (detected by merging with seeds 0 and 1) are tested with seeds "
