@@ -308,73 +308,54 @@ def stage_routers(split, tasks, states, paths: Mapping[str, Path], settings, res
             f"{record['lora']['avg_normalized']:.3f}, routed Twin {record['twin_r8']['avg_normalized']:.3f}")
 
 
-def gated_predictions(split, states, gates, routed: list[int], batch_size: int = 32):
-    """Letter predictions and the per-example adapter mass of installed per-token ``gates`` (averaged over the
-    prompt's tokens and the gated layers), running the top layers on cached states."""
+def gated_letter_logits(split, states, gates, routed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer-letter logits of cached ``states`` through the top layers with per-token ``gates`` installed, and
+    each example's adapter mass (the gates' output averaged over its tokens and the gated layers)."""
     from routers.moe import adapter_mass, recorded_gates
 
     from .model import _pad
 
-    weight = split.model.lm_head.weight[split.letter_ids]
-    logits, masses = [], []
+    batch, mask, last = _pad(states)
+    with recorded_gates(gates) as store:
+        hidden = split.top(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = hidden[torch.arange(len(states)), last] @ split.model.lm_head.weight[split.letter_ids].T
+    return logits, adapter_mass(store, mask, routed)
+
+
+def gated_predictions(split, states, gates, routed: list[int], batch_size: int = 32):
+    """``gated_letter_logits`` over all of ``states``, batch by batch, without gradients."""
     with torch.no_grad():
-        for lo in range(0, len(states), batch_size):
-            batch, mask, last = _pad(states[lo: lo + batch_size])
-            with recorded_gates(gates) as store:
-                hidden = split.top(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-            logits.append(hidden[torch.arange(len(last)), last] @ weight.T)
-            masses.append(adapter_mass(store, mask, routed))
-    return torch.cat(logits), torch.cat(masses)
+        parts = [gated_letter_logits(split, states[lo: lo + batch_size], gates, routed)
+                 for lo in range(0, len(states), batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def train_token_gates(split, controller, tasks, states, settings, route_loss_weight: float = 0.0) -> dict:
     """Train the controller's installed gates on the union of the tasks' training splits: the answer letter's
     cross-entropy (plus ``route_loss_weight`` x the task-label NLL of the token-averaged gate mass), every
-    other parameter frozen, every adapter at weight 1 (the gates decide)."""
+    other parameter frozen, every adapter at weight 1 (the gates decide: ``routers.moe``'s training context)."""
     import torch.nn.functional as F
 
-    from routers.moe import adapter_mass, recorded_gates
+    from routers.moe import _gates_in_training
 
-    from .model import _pad
-
-    pool = [(s, e.answer, i) for i, d in enumerate(tasks)
-            for s, e in zip(states[d.short]["train"], d.train)]
+    pool = [(s, e.answer, i) for i, d in enumerate(tasks) for s, e in zip(states[d.short]["train"], d.train)]
     gates = controller.gates()
-    params = controller.gate_parameters()
-    flags = {p: p.requires_grad for p in split.model.parameters()}
-    for p in split.model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=settings.gate_lr)
     generator = torch.Generator().manual_seed(settings.seed)
-    weight = split.model.lm_head.weight[split.letter_ids]
     routed = list(range(len(tasks)))
     losses, started = [], time.perf_counter()
-    try:
-        for gate in gates.values():
-            gate.train()
+    with _gates_in_training(controller, gates) as params:
+        optimizer = torch.optim.Adam(params, lr=settings.gate_lr)
         for _ in range(settings.gate_steps):
             idx = torch.randint(len(pool), (16,), generator=generator).tolist()
-            batch, mask, last = _pad([pool[i][0] for i in idx])
-            with recorded_gates(gates) as store:
-                hidden = split.top(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = hidden[torch.arange(len(idx)), last] @ weight.T
-            targets = torch.tensor([pool[i][1] for i in idx])
-            loss = F.cross_entropy(logits, targets)
+            logits, mass = gated_letter_logits(split, [pool[i][0] for i in idx], gates, routed)
+            loss = F.cross_entropy(logits, torch.tensor([pool[i][1] for i in idx]))
             if route_loss_weight:
-                mass = adapter_mass(store, mask, routed)
                 labels = torch.tensor([pool[i][2] for i in idx])
                 loss = loss + route_loss_weight * F.nll_loss(torch.log(mass.clamp_min(1e-9)), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-    finally:
-        for gate in gates.values():
-            gate.eval()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     return {"steps": settings.gate_steps, "seconds": time.perf_counter() - started,
             "loss_first10": mean(losses[:10]), "loss_last10": mean(losses[-10:])}
 
