@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import LoraFactors
-from loramerge.methods import Factored, ModuleInputs, get_method
-from loramerge.ops import topk_threshold
+from loramerge.core.adapter import LoraFactors
+from loramerge.core.ops import topk_threshold
+from loramerge.merging.methods import Factored, ModuleInputs, get_method
 
 Result = Factored | torch.Tensor
 Runner = Callable[[Sequence[ModuleInputs]], Iterator[Result]]

@@ -312,9 +312,9 @@ def measure(
 def _loramerge_direct(method: Method, dirs: list[str], weights: list[float]):
     """Prepare the in-memory factors; return (run, reset) for the method functions called directly."""
     from loramerge import RankPolicy, get_method, load_adapter
-    from loramerge.factored import compress_dense, compress_factored
-    from loramerge.methods import Dense, ModuleInputs
-    from loramerge.ops import derive_seed
+    from loramerge.core.factored import compress_dense, compress_factored
+    from loramerge.core.ops import derive_seed
+    from loramerge.merging.methods import Dense, ModuleInputs
 
     adapters = [load_adapter(d, name=f"a{i}") for i, d in enumerate(dirs)]
     modules = sorted(adapters[0].modules)
@@ -411,8 +411,8 @@ def warm_up(method: Method, n: int) -> None:
     d_out, d_in = WARMUP_SHAPE
     if method.side == "loramerge":
         from loramerge import LoraFactors, RankPolicy, get_method
-        from loramerge.factored import compress_dense, compress_factored
-        from loramerge.methods import Dense, ModuleInputs
+        from loramerge.core.factored import compress_dense, compress_factored
+        from loramerge.merging.methods import Dense, ModuleInputs
 
         factors = tuple(LoraFactors(A=torch.randn(RANK, d_in, generator=gen), B=torch.randn(d_out, RANK, generator=gen))
                         for _ in range(n))

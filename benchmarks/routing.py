@@ -46,7 +46,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "routing.md"
 
 
 def build_world(args, root: Path):
-    from loramerge.testing import LLAMA_TARGETS, make_adapter, tiny_llama
+    from loramerge.demo.toy import LLAMA_TARGETS, make_adapter, tiny_llama
 
     model = tiny_llama(seed=0, hidden=args.hidden, layers=args.layers, vocab=args.vocab,
                        intermediate=args.intermediate)
@@ -134,8 +134,8 @@ def measure_throughput(args, cases) -> list[dict]:
 
 
 def measure_latency(args, model) -> list[dict]:
+    from loramerge.demo.toy import make_tokenizer
     from loramerge.routers import CentroidRouter, ClassifierRouter, NearestNeighbourRouter, PooledHiddenEmbedder
-    from loramerge.testing import make_tokenizer
 
     tokenizer = make_tokenizer()
     words = tokenizer.get_vocab()

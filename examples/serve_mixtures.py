@@ -23,8 +23,8 @@ class KeywordRouter:
 
 
 def build_engine(backend: str, workdir: Path):
+    from loramerge.demo.toy import make_adapter, save_base, tiny_llama
     from loramerge.serving.compose import AdapterCatalog, Composer
-    from loramerge.testing import make_adapter, save_base, tiny_llama
 
     model = tiny_llama(seed=0, hidden=128)  # head_dim 32, which vLLM's CPU attention supports
     base = save_base(model, workdir / "tiny-llama")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .adapter import LoraAdapter, LoraFactors, load_adapter  # noqa: E402
-from .errors import LoramergeError  # noqa: E402
-from .factored import RankPolicy, compress_factored, concat_factors, factored_svd  # noqa: E402
-from .merge import MergeResult, merge  # noqa: E402
-from .methods import REGISTRY, get_method, register_method  # noqa: E402
-from .recipe import Recipe, load_recipe  # noqa: E402
+from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.factored import RankPolicy, compress_factored, concat_factors, factored_svd
+from loramerge.errors import LoramergeError
+from loramerge.merging.engine import MergeResult, merge
+from loramerge.merging.methods import REGISTRY, get_method, register_method
+from loramerge.merging.recipe import Recipe, load_recipe
+from loramerge.version import __version__
 
 __all__ = [
     "REGISTRY", "LoraAdapter", "LoraFactors", "LoramergeError", "MergeResult", "RankPolicy", "Recipe",

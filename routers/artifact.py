@@ -14,7 +14,7 @@ import torch
 
 from loramerge import __version__
 from loramerge.errors import AdapterLoadError
-from loramerge.writer import atomic_directory, check_output_path
+from loramerge.io.writer import atomic_directory, check_output_path
 
 FORMAT = "loramerge-router"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import torch
 import typer
 from rich.table import Table
 
-from loramerge.cli_common import console, fail
+from loramerge.cli.common import console, fail
 from loramerge.errors import LoramergeError, RecipeError
 
 app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
@@ -156,7 +156,7 @@ def build_router(adapters: list[str], *, kind: str, data: Path | None, base_mode
     else:
         raise RecipeError(f"unknown embedder '{embedder}'", fix="use 'base' or 'minilm'")
     if twin is not None and route_names is None:
-        from loramerge.twin import load_twin
+        from loramerge.artifacts.twin import load_twin
 
         route_names = load_twin(twin).task_names
     if kind == "centroid":

@@ -8,7 +8,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from loramerge.demo import TASKS, task_sequences
+from loramerge.demo.run import TASKS, task_sequences
 
 from .gated import attach_gated_lora
 from .generate import generate_routed

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramerge.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
 from loramerge.errors import IncompatibleAdaptersError, LoramergeError, UnsupportedAdapterError
 
 AdapterLike = Union[str, Path, LoraAdapter]
@@ -442,13 +442,13 @@ def _check_shapes(name: str, base: nn.Module, kind: str, factors: list[LoraFacto
 
 
 def attach_twin(model: nn.Module, bundle, *, dtype: torch.dtype | None = None) -> GatedLora:
-    """Attach a Twin-Merging bundle (``loramerge.twin``) as one gated LoRA: shared + per-task residuals.
+    """Attach a Twin-Merging bundle (``loramerge.artifacts.twin``) as one gated LoRA: shared + per-task residuals.
 
     The adapters are named ``shared`` and the task names; ``shared`` is fixed at weight 1 and the
     residuals default to 0, so with no weights set the model is the shared merge, and a router's
     weights w over tasks give ``shared + sum_t w_t residual_t`` (what ``compose_twin`` writes).
     """
-    from loramerge.twin import TwinBundle, load_twin
+    from loramerge.artifacts.twin import TwinBundle, load_twin
 
     if not isinstance(bundle, TwinBundle):
         bundle = load_twin(bundle)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramerge.adapter import LoraFactors
+from loramerge.core.adapter import LoraFactors
 from loramerge.errors import LoramergeError, RecipeError, UnsupportedAdapterError
 
 from .gated import (

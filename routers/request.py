@@ -741,7 +741,7 @@ class ArrowRouter(Router):
 def _prototype(B: torch.Tensor, A: torch.Tensor, method: str, iters: int, seed: int) -> torch.Tensor:
     if method == "power":
         return top_right_singular_vector(B, A, iters=iters, seed=seed)
-    from loramerge.factored import factored_svd
+    from loramerge.core.factored import factored_svd
 
     _, _, Vh = factored_svd(B.float(), A.float())
     return Vh[0]

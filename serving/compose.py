@@ -28,11 +28,11 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from loramerge.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.factored import RankPolicy, compress_factored
 from loramerge.errors import IncompatibleAdaptersError, LoramergeError
-from loramerge.factored import RankPolicy, compress_factored
-from loramerge.methods import Factored, ModuleInputs, get_method
-from loramerge.writer import OutputModule, build_lora_config, write_adapter
+from loramerge.io.writer import OutputModule, build_lora_config, write_adapter
+from loramerge.merging.methods import Factored, ModuleInputs, get_method
 
 VALID_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM accepts for ``max_lora_rank`` (its stacked LoRA buffers are sized to it)."""
@@ -373,9 +373,9 @@ class BundleExtractor(Protocol):
 
 
 def default_bundle_extractors() -> dict[str, BundleExtractor]:
-    """``basis`` and ``twin`` extractors, when loramerge.basis / loramerge.twin provide ``task_factors``."""
+    """``basis`` and ``twin`` extractors, when loramerge.artifacts.basis / loramerge.artifacts.twin provide ``task_factors``."""
     extractors: dict[str, BundleExtractor] = {}
-    for prefix, module_name in (("basis", "loramerge.basis"), ("twin", "loramerge.twin")):
+    for prefix, module_name in (("basis", "loramerge.artifacts.basis"), ("twin", "loramerge.artifacts.twin")):
         try:
             module = __import__(module_name, fromlist=["task_factors"])
         except ImportError:

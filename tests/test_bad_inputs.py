@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from loramerge import load_adapter, merge
+from loramerge.demo.toy import make_adapter, tiny_llama
 from loramerge.errors import (
     AdapterLoadError,
     IncompatibleAdaptersError,
@@ -35,8 +36,7 @@ from loramerge.errors import (
     RecipeError,
     UnsupportedAdapterError,
 )
-from loramerge.recipe import load_recipe
-from loramerge.testing import make_adapter, tiny_llama
+from loramerge.merging.recipe import load_recipe
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

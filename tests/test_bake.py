@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from loramerge import load_adapter, merge
-from loramerge.bake import bake
+from loramerge.demo.toy import make_adapter, save_base, tiny_llama
 from loramerge.errors import BaseModelError, IncompatibleAdaptersError, LoramergeError, OutputError
-from loramerge.testing import make_adapter, save_base, tiny_llama
+from loramerge.io.bake import bake
 
 TOKENS = torch.tensor([[1, 5, 9, 20, 33, 7, 60, 2]])
 

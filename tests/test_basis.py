@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from loramerge import load_adapter
-from loramerge.basis import MANIFEST_NAME, build_basis, extract_task, load_basis
-from loramerge.cli_artifacts import basis_app
+from loramerge.artifacts.basis import MANIFEST_NAME, build_basis, extract_task, load_basis
+from loramerge.cli.artifacts import basis_app
+from loramerge.demo.toy import assert_peft_forward, hidden_leftovers
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
-from loramerge.testing import assert_peft_forward, hidden_leftovers
 
 
 def _dense_canonical(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from loramerge.adapter import load_adapter, module_scale
+from loramerge.core.adapter import load_adapter, module_scale
 from loramerge.errors import AdapterLoadError, UnsupportedAdapterError
 
 

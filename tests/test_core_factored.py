@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramerge.adapter import LoraFactors
-from loramerge.factored import (
+from loramerge.core.adapter import LoraFactors
+from loramerge.core.factored import (
     RankPolicy,
     compress_dense,
     compress_factored,

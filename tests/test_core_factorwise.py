@@ -10,7 +10,7 @@ from peft import PeftModel
 from peft.utils import merge_utils
 
 from loramerge import load_adapter, merge
-from loramerge.ops import derive_seed
+from loramerge.core.ops import derive_seed
 
 WEIGHTS = [0.7, 0.4, 1.2]
 

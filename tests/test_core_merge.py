@@ -12,9 +12,9 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from loramerge import load_adapter, merge
-from loramerge.cli import app
+from loramerge.cli.app import app
 from loramerge.errors import IncompatibleAdaptersError, OutputError, RecipeError
-from loramerge.recipe import load_recipe
+from loramerge.merging.recipe import load_recipe
 
 WEIGHTS = [0.5, 0.3, 0.9]
 
@@ -157,7 +157,7 @@ def test_different_base_models_are_refused(adapter_factory, tmp_path):
 
 
 def test_shape_mismatch_names_the_module(adapter_factory, gpt2, llama):
-    from loramerge.testing import tiny_llama
+    from loramerge.demo.toy import tiny_llama
 
     wide = tiny_llama(seed=1, hidden=32)
     a = adapter_factory(r=4)
@@ -227,7 +227,7 @@ def test_cli_merge_inspect_and_methods(three_adapters, tmp_path):
 
 def test_inspect_overlap_oracles(adapter_factory, tmp_path):
     """An adapter against itself: cosine 1, subspace overlap 1; against its negation: cosine -1."""
-    from loramerge.inspect import pairwise_overlap
+    from loramerge.analysis.inspect import pairwise_overlap
 
     path = adapter_factory(r=4)
     neg = merge(adapters=[path], method="task_arithmetic", weights=[-2.0], output=tmp_path / "neg")
@@ -243,9 +243,9 @@ def test_inspect_overlap_oracles(adapter_factory, tmp_path):
 def test_cli_compare_with_task_loss(llama_dir, equal_rank_adapters, tmp_path, monkeypatch):
     from rich.console import Console
 
-    import loramerge.cli
+    import loramerge.cli.app
 
-    monkeypatch.setattr(loramerge.cli, "console", Console(width=200))
+    monkeypatch.setattr(loramerge.cli.app, "console", Console(width=200))
     data = tmp_path / "tasks.jsonl"
     data.write_text('{"text": "one two three four", "task": "count"}\n{"text": "cat dog bird fish", "task": "animals"}\n')
     result = CliRunner().invoke(app, ["compare", *map(str, equal_rank_adapters), "-o", str(tmp_path / "cmp"),

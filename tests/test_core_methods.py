@@ -13,9 +13,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from loramerge.adapter import LoraFactors
-from loramerge.methods import Dense, Factored, ModuleInputs, get_method
-from loramerge.ops import generator_for
+from loramerge.core.adapter import LoraFactors
+from loramerge.core.ops import generator_for
+from loramerge.merging.methods import Dense, Factored, ModuleInputs, get_method
 
 WEIGHTS = (1.0, 0.6, 0.8)
 
@@ -214,7 +214,7 @@ def test_bad_parameters_are_rejected(method, params, message):
 def test_chunked_drop_draws_the_same_mask_as_bernoulli(rescale):
     """The fast chunked DARE drop (uniform < density, chunk after chunk) equals torch.bernoulli's mask drawn
     in one piece from the same seed, across chunk boundaries; a recorded mask replays to the same values."""
-    from loramerge.ops import CHUNK_ELEMENTS, bernoulli_mask, random_drop_, replay_drop_
+    from loramerge.core.ops import CHUNK_ELEMENTS, bernoulli_mask, random_drop_, replay_drop_
 
     x = torch.randn(3, CHUNK_ELEMENTS // 2 + 7)  # spans 2 chunks, the last one partial
     density = 0.3
@@ -232,7 +232,7 @@ def test_chunked_drop_draws_the_same_mask_as_bernoulli(rescale):
 def test_breadcrumbs_band_is_the_sorted_band(density, gamma):
     """band_mask (two order statistics, no sort) keeps exactly descending ranks [gamma n, (gamma + density) n),
     also on a tensor big enough for the sampled order statistics."""
-    from loramerge.ops import band_mask
+    from loramerge.core.ops import band_mask
 
     x = torch.randn(700, 1100, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(torch.where(band_mask(x, density, gamma), x, torch.zeros_like(x)),

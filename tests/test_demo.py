@@ -5,12 +5,12 @@ from __future__ import annotations
 from rich.console import Console
 from typer.testing import CliRunner
 
-import loramerge.cli
-from loramerge.cli import app
+import loramerge.cli.app
+from loramerge.cli.app import app
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setattr(loramerge.cli, "console", Console(width=200))
+    monkeypatch.setattr(loramerge.cli.app, "console", Console(width=200))
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     out = result.output

@@ -10,7 +10,7 @@ import pytest
 from peft import PeftModel
 
 from loramerge import load_recipe, merge
-from loramerge.testing import LLAMA_TARGETS, make_adapter
+from loramerge.demo.toy import LLAMA_TARGETS, make_adapter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from loramerge import load_adapter, merge
-from loramerge.adapter import CONFIG_NAME, SAFETENSORS_NAME
-from loramerge.cli_ecosystem import app
+from loramerge.cli.export import app
+from loramerge.core.adapter import CONFIG_NAME, SAFETENSORS_NAME
 from loramerge.errors import AdapterLoadError, HubError, OutputError
-from loramerge.hub import IGNORE_PATTERNS, MODEL_PATTERNS, is_hub_id, push
+from loramerge.io.hub import IGNORE_PATTERNS, MODEL_PATTERNS, is_hub_id, push
 
 
 class FakeApi:
@@ -100,8 +100,8 @@ def test_push_without_a_card_adds_one(fake_api, adapter_factory, tmp_path):
 
 
 def test_push_a_baked_model(fake_api, llama, llama_dir, tmp_path):
-    from loramerge.bake import bake
-    from loramerge.testing import make_adapter
+    from loramerge.demo.toy import make_adapter
+    from loramerge.io.bake import bake
 
     baked = bake(make_adapter(llama, tmp_path / "ad", seed=1), llama_dir, tmp_path / "baked").output
     push(baked, "carol/baked-model")
@@ -189,8 +189,8 @@ def test_a_merge_mixing_hub_ids_and_paths_records_them(fake_download, three_adap
 
 
 def test_bake_downloads_a_hub_base(fake_download, llama, llama_dir, tmp_path):
-    from loramerge.bake import bake
-    from loramerge.testing import make_adapter
+    from loramerge.demo.toy import make_adapter
+    from loramerge.io.bake import bake
 
     calls, served = fake_download
     served["meta-llama/tiny"] = llama_dir
@@ -223,7 +223,7 @@ def test_cli_push_error_exit_code(fake_api, tmp_path):
 
 
 def test_cli_bake_and_its_exit_codes(llama, llama_dir, tmp_path):
-    from loramerge.testing import make_adapter
+    from loramerge.demo.toy import make_adapter
 
     adapter = make_adapter(llama, tmp_path / "ad", seed=3)
     runner = CliRunner()

@@ -8,11 +8,19 @@ import pytest
 import torch
 
 from loramerge import load_adapter, merge
-from loramerge.adapter import LoraFactors
+from loramerge.core.adapter import LoraFactors
+from loramerge.demo.toy import assert_peft_forward
 from loramerge.errors import RecipeError
-from loramerge.methods import ModuleInputs, get_method
-from loramerge.methods.lego import LegoConfig, Units, canonicalize, kmeans, lego_merge, lora_lego, shrink_adapter
-from loramerge.testing import assert_peft_forward
+from loramerge.merging.methods import ModuleInputs, get_method
+from loramerge.merging.methods.lego import (
+    LegoConfig,
+    Units,
+    canonicalize,
+    kmeans,
+    lego_merge,
+    lora_lego,
+    shrink_adapter,
+)
 
 EXACT = {"parameter_reweight": False, "output_reweight": "none"}
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from loramerge import merge
+from loramerge.demo.toy import WORDS, make_tokenizer
 from loramerge.errors import LoramergeError, RecipeError
-from loramerge.lori import (
+from loramerge.training.lori import (
     LORI_FILE,
     MASK_FILE,
     LoriMaskCallback,
@@ -30,7 +31,6 @@ from loramerge.lori import (
     save_lori_adapter,
     verify_lori_adapter,
 )
-from loramerge.testing import WORDS, make_tokenizer
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 SPEC = LoriSpec(seed=7, r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)
@@ -99,7 +99,7 @@ def test_A_frozen_random_and_regenerable(llama):
 
 
 def test_A_recipe_is_the_documented_one():
-    """The recipe recorded in lori.json (loramerge.lori.a.v1), restated independently: old adapters must stay
+    """The recipe recorded in lori.json (loramerge.training.lori.a.v1), restated independently: old adapters must stay
     regenerable, so this must not change silently."""
     module, shape = "model.layers.0.self_attn.q_proj", (4, 64)
     digest = hashlib.sha256(f"{SPEC.seed}:{module}".encode()).digest()
@@ -108,7 +108,7 @@ def test_A_recipe_is_the_documented_one():
     assert torch.equal(random_a(SPEC, module, shape), want)
     gaussian = random_a(LoriSpec(seed=7, a_init="gaussian"), module, (256, 64))
     assert float(gaussian.std()) == pytest.approx(1 / 8.0, rel=0.05)
-    assert SPEC.to_dict()["a_recipe"] == "loramerge.lori.a.v1"
+    assert SPEC.to_dict()["a_recipe"] == "loramerge.training.lori.a.v1"
     assert LoriSpec.from_dict(SPEC.to_dict()) == SPEC
 
 
@@ -246,7 +246,7 @@ def test_cli_masks_and_verify(tmp_path, llama, dense_run, masks):
     import typer
     from typer.testing import CliRunner
 
-    from loramerge.cli_orthogonal import lori_app
+    from loramerge.cli.training import lori_app
 
     app = typer.Typer()
     app.add_typer(lori_app, name="lori")

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from loramerge import merge
+from loramerge.demo.toy import WORDS, make_tokenizer
 from loramerge.errors import RecipeError
-from loramerge.osrm import (
+from loramerge.training.osrm import (
     INFO_FILE,
     INIT_FILE,
     OsrmInit,
@@ -23,7 +24,6 @@ from loramerge.osrm import (
     prepare_osrm_model,
     read_texts,
 )
-from loramerge.testing import WORDS, make_tokenizer
 
 R = 4
 TARGETS = ["q_proj", "v_proj"]
@@ -289,7 +289,7 @@ def test_cli_osrm_init(tmp_path, llama_dir, others):
     import typer
     from typer.testing import CliRunner
 
-    from loramerge.cli_orthogonal import osrm_app
+    from loramerge.cli.training import osrm_app
 
     app = typer.Typer()
     app.add_typer(osrm_app, name="osrm")

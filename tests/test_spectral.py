@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import loramerge
-from loramerge.adapter import LoraFactors
+from loramerge.core.adapter import LoraFactors
+from loramerge.core.ops import bernoulli_mask, generator_for, topk_threshold
 from loramerge.errors import LoramergeError, RecipeError
-from loramerge.methods import ModuleInputs, get_method
-from loramerge.methods.knots import KnotsConfig, global_topk_thresholds, joint_basis, knots
-from loramerge.methods.spectral import (
+from loramerge.merging.methods import ModuleInputs, get_method
+from loramerge.merging.methods.knots import KnotsConfig, global_topk_thresholds, joint_basis, knots
+from loramerge.merging.methods.spectral import (
     IsoCConfig,
     IsoCtsConfig,
     StarConfig,
@@ -28,7 +29,6 @@ from loramerge.methods.spectral import (
     svd_of,
     tsv,
 )
-from loramerge.ops import bernoulli_mask, generator_for, topk_threshold
 
 NUMERICAL_ZERO = 1e-6  # float32 deltas carry noise singular values ~1e-8 of the largest
 

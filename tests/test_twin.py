@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from loramerge import load_adapter, merge
-from loramerge.cli_artifacts import twin_app
+from loramerge.artifacts.twin import build_twin, compose_twin, load_twin, parse_weights, write_composed
+from loramerge.cli.artifacts import twin_app
+from loramerge.demo.toy import assert_peft_forward, hidden_leftovers
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
-from loramerge.testing import assert_peft_forward, hidden_leftovers
-from loramerge.twin import build_twin, compose_twin, load_twin, parse_weights, write_composed
 
 
 def _dense(path, module) -> torch.Tensor:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from loramerge.adapter import load_adapter
-from loramerge.merge import merge as merge_fn
-from loramerge.methods import REGISTRY
+from loramerge.core.adapter import load_adapter
+from loramerge.merging.engine import merge as merge_fn
+from loramerge.merging.methods import REGISTRY
 
 LAMBDA_GRID = (0.25, 0.5, 1.0, 2.0)
 """Scale grid for every method with a ``lambda`` (or LoRA-LEGO's ``gamma``)."""
@@ -190,7 +190,7 @@ def stage_merge(split, tasks, states, paths: Mapping[str, Path], settings, resul
 
 def stage_rmm(split, tasks, states, paths: Mapping[str, Path], settings, results) -> None:
     """RMM bases with k < N; each task is rebuilt from the basis and evaluated on its own test split."""
-    from loramerge.basis import build_basis
+    from loramerge.artifacts.basis import build_basis
 
     finetuned = results.get("finetuned", "lora")
     n = len(tasks)
@@ -220,7 +220,7 @@ def stage_rmm(split, tasks, states, paths: Mapping[str, Path], settings, results
 def stage_twin(split, tasks, states, paths: Mapping[str, Path], settings, results) -> None:
     """Twin-Merging bundles (shared task arithmetic + rank-r residuals) with oracle routing (the task's
     own residual at weight 1): the upper bound of any router over the bundle."""
-    from loramerge.twin import build_twin, compose_twin
+    from loramerge.artifacts.twin import build_twin, compose_twin
 
     finetuned = results.get("finetuned", "lora")
     names = [d.short for d in tasks]
@@ -270,7 +270,7 @@ def routed_accuracy(split, tasks, states, routes: Mapping[str, list[str]], delta
 def stage_routers(split, tasks, states, paths: Mapping[str, Path], settings, results) -> None:
     """Request-level routers from `routers.request` fitted on the train split's pooled hidden states; routing
     accuracy on test, and the normalized accuracy of routed composition (plain LoRAs; Twin bundle)."""
-    from loramerge.twin import build_twin, compose_twin
+    from loramerge.artifacts.twin import build_twin, compose_twin
     from routers.request import CentroidRouter, ClassifierRouter, NearestNeighbourRouter
 
     finetuned = results.get("finetuned", "lora")

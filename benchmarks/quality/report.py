@@ -282,7 +282,7 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         f"{s['batch_size']}, lr {s['lr']} (budget: {s['steps'] * s['batch_size']} examples seen per task"
         + (f", {s_per_step:.1f} s/step measured" if s_per_step else "") + "). The frozen bottom layers' hidden "
         "states are computed once and cached, so training and every evaluation run only the top layers.",
-        "- Merging: every method in `loramerge.methods.REGISTRY` plus `task_arithmetic+factorwise` (the recipe's "
+        "- Merging: every method in `loramerge.merging.methods.REGISTRY` plus `task_arithmetic+factorwise` (the recipe's "
         "`factorwise=True`), all 6 adapters at weight 1. A method's `lambda` (LoRA-LEGO: `gamma`) is chosen from "
         "{0.25, 0.5, 1.0, 2.0} (for the methods with a `density` on the plain LoRAs: lambda in {0.5, 1.0, 2.0} "
         "crossed with density in {0.2, 0.5}; the OSRM and LoRI sweeps use the scale grid only) by mean "

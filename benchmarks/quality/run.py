@@ -111,10 +111,10 @@ def top_layer_targets(split: SplitLM) -> str:
 
 
 def osrm_wrap(split: SplitLM, tokenizer, tasks, settings: Settings, results: Results):
-    """OSRM (loramerge.osrm, the paper's covariance form): each task's A = the directions of least input
+    """OSRM (loramerge.training.osrm, the paper's covariance form): each task's A = the directions of least input
     energy over the *other* tasks' prompts (unlabeled), computed on the base model; B = 0; A trained (the
     authors' default)."""
-    from loramerge.osrm import compute_osrm_init, prepare_osrm_model
+    from loramerge.training.osrm import compute_osrm_init, prepare_osrm_model
 
     def for_task(data):
         others = {d.short: [e.prompt for e in d.train[: settings.osrm_samples]] for d in tasks
@@ -135,8 +135,8 @@ def osrm_wrap(split: SplitLM, tokenizer, tasks, settings: Settings, results: Res
 
 
 def lori_wrap(split: SplitLM, tasks, settings: Settings):
-    """LoRI-D (loramerge.lori): A drawn from a per-task seed and frozen, only B trained."""
-    from loramerge.lori import LoriSpec, lori_model
+    """LoRI-D (loramerge.training.lori): A drawn from a per-task seed and frozen, only B trained."""
+    from loramerge.training.lori import LoriSpec, lori_model
 
     from .model import TARGETS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramerge.testing import make_tokenizer, tiny_llama
+from loramerge.demo.toy import make_tokenizer, tiny_llama
 
 TASK_WORDS = {
     "numbers": "one two three four five six seven eight nine ten number sum add".split(),

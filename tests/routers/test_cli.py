@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from loramerge.demo.toy import save_base
 from loramerge.routers.cli import app
-from loramerge.testing import save_base
 
 from .conftest import TASKS, labelled
 

@@ -9,9 +9,9 @@ import torch
 from peft import PeftModel
 
 from loramerge import load_adapter, merge
+from loramerge.demo.toy import make_adapter
 from loramerge.errors import IncompatibleAdaptersError, LoramergeError
 from loramerge.routers.gated import GatedLoraLayer, GateModule, GateState, attach_gated_lora
-from loramerge.testing import make_adapter
 
 IDS = torch.tensor([[5, 9, 14, 22, 31, 40, 7], [8, 3, 17, 60, 45, 12, 9], [33, 34, 35, 36, 37, 38, 39]])
 

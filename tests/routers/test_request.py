@@ -194,7 +194,7 @@ def test_lorahub_finds_the_task_adapter_from_a_few_examples(task_world, routed, 
 
 
 def test_classifier_composes_a_twin_bundle_per_request(task_world, splits, tmp_path):
-    from loramerge.twin import build_twin, write_composed
+    from loramerge.artifacts.twin import build_twin, write_composed
 
     bundle = build_twin(task_world.paths, tmp_path / "twin", names=TASKS, residual_rank=4)
     model = task_world.fresh_model()

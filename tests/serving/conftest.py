@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loramerge.testing import make_adapter, save_base, tiny_llama
+from loramerge.demo.toy import make_adapter, save_base, tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from loramerge.adapter import load_adapter
-from loramerge.basis import build_basis
+from loramerge.artifacts.basis import build_basis
+from loramerge.artifacts.twin import build_twin, compose_twin, load_twin
+from loramerge.core.adapter import load_adapter
 from loramerge.serving.compose import AdapterCatalog, Composer
-from loramerge.twin import build_twin, compose_twin, load_twin
 
 
 def served_deltas(adapter_dir) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loramerge.adapter import LoraFactors
+from loramerge.core.adapter import LoraFactors
 from loramerge.serving.compose import (
     AdapterCatalog,
     Bounds,
@@ -256,7 +256,7 @@ def test_canonical_key(composer, adapter_root):
 def test_key_follows_the_adapter_content(adapter_root, tmp_path, serving_base):
     import shutil
 
-    from loramerge.testing import make_adapter
+    from loramerge.demo.toy import make_adapter
 
     root = tmp_path / "root"
     shutil.copytree(adapter_root / "code", root / "code")

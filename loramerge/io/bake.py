@@ -1,0 +1,529 @@
+"""Bake: merge a LoRA adapter (or a merge's result) into its base model's weights and save a full model.
+
+The base's safetensors are streamed shard by shard: each targeted weight gets ``B @ A`` added in float32
+(transposed for GPT-2's ``Conv1D``, whose weight is ``d_in x d_out``, and for embeddings, whose weight is
+``vocab x dim``), then the shard is written in the output dtype. A bitsandbytes 4-bit or 8-bit checkpoint
+is dequantized first (with a notice). Tied weights (GPT-2's ``wte``/``lm_head``) that an adapter touches
+are untied, since PEFT's forward adds the delta to one of them only. The output directory is written
+atomically (temporary directory, renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.progress import progress_bar
+from loramerge.errors import BaseModelError, IncompatibleAdaptersError, LoramergeError, OutputError
+from loramerge.io.writer import atomic_directory, check_output_path
+
+log = logging.getLogger("loramerge.io.bake")
+
+Layout = Literal["linear", "conv1d", "embedding"]
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight files of other formats, and files bake rewrites itself: never copied from the base.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_REWRITTEN = {"config.json", "README.md", INDEX_NAME, "pytorch_model.bin.index.json"}
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    """A baked model: where it went, what changed, what was noticed on the way."""
+
+    output: Path
+    dtype: torch.dtype
+    baked_modules: list[str]
+    dequantized: str | None = None
+    untied: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeltaSource:
+    """What bake needs from an adapter or a merge result: module name -> factors (scale folded into B)."""
+
+    kinds: dict[str, str]
+    read: Callable[[str], LoraFactors]
+    fan_in_fan_out: bool
+    inputs: list[Path]
+    label: str
+    base_model: str | None
+
+
+def delta_source(obj: Any, *, allow_pickle: bool = False) -> DeltaSource:
+    """Accept an adapter path / hub id, a loaded ``LoraAdapter`` or a ``MergeResult``."""
+    from loramerge.merging.engine import MergeResult
+
+    if isinstance(obj, MergeResult):
+        factors = obj.factors()
+        inputs = [a.source.local_path for a in obj.adapters] + ([obj.output] if obj.output else [])
+        names = ", ".join(a.name for a in obj.adapters)
+        return DeltaSource(
+            kinds={n: f.kind for n, f in factors.items()}, read=factors.__getitem__,
+            fan_in_fan_out=bool(obj.config.get("fan_in_fan_out")), inputs=inputs,
+            label=f"{obj.method.name} merge of {names}", base_model=obj.config.get("base_model_name_or_path"),
+        )
+    adapter = obj if isinstance(obj, LoraAdapter) else load_adapter(obj, allow_pickle=allow_pickle)
+    return DeltaSource(
+        kinds={n: m.kind for n, m in adapter.modules.items()}, read=adapter.factors,
+        fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")), inputs=[adapter.source.local_path],
+        label=f"adapter {adapter.source.reference}", base_model=adapter.base_model,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- base model files
+
+
+def _read_config(base: Path) -> dict:
+    path = base / "config.json"
+    if not path.is_file():
+        raise BaseModelError("the base model has no config.json", path=str(path),
+                             fix="pass a directory written by transformers' save_pretrained (or a hub id)")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BaseModelError(f"config.json is not valid JSON: {exc}", path=str(path),
+                             fix="repair or re-download the base model's config.json") from exc
+    if not isinstance(config, dict):
+        raise BaseModelError("config.json must hold a JSON object", path=str(path), fix="repair config.json")
+    return config
+
+
+def _key_to_shard(base: Path) -> tuple[dict[str, str], bool]:
+    """Every stored tensor key -> its shard file name; and whether the base is sharded (has an index)."""
+    index = base / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BaseModelError(f"{INDEX_NAME} is malformed: {exc}", path=str(index),
+                                 fix="repair or re-download the base model") from exc
+        missing = sorted({s for s in weight_map.values() if not (base / s).is_file()})
+        if missing:
+            raise BaseModelError(f"shard {missing[0]} listed in the index is missing", path=str(base / missing[0]),
+                                 fix="re-download the base model (an interrupted download?)")
+        return dict(weight_map), True
+    single = base / SINGLE_NAME
+    if single.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as fh:
+                return {k: SINGLE_NAME for k in fh.keys()}, False
+        except Exception as exc:
+            raise BaseModelError(f"corrupt safetensors file: {exc}", path=str(single),
+                                 fix="re-download or re-save the base model") from exc
+    if any(base.glob("*.bin")) or any(base.glob("*.pt")):
+        raise BaseModelError(
+            "the base model's weights are pickled (.bin/.pt); bake reads safetensors only", path=str(base),
+            fix="convert once: load it with transformers and save_pretrained(dir) (safetensors is the default)",
+        )
+    raise BaseModelError(f"no {SINGLE_NAME} or {INDEX_NAME} in the base model directory", path=str(base),
+                         fix="pass the directory of a transformers model saved with safetensors")
+
+
+def quantization_of(config: dict) -> str | None:
+    """'bitsandbytes 4-bit (nf4)' / 'bitsandbytes 8-bit' for a bnb checkpoint, None if unquantized."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "bitsandbytes":
+        raise BaseModelError(
+            f"the base model is quantized with '{method}'; bake can dequantize bitsandbytes checkpoints only",
+            fix="bake into the unquantized base model (the adapter's factors do not depend on the quantization)",
+        )
+    if q.get("load_in_4bit"):
+        return f"bitsandbytes 4-bit ({q.get('bnb_4bit_quant_type', 'fp4')})"
+    return "bitsandbytes 8-bit"
+
+
+def _import_bnb():
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:
+        raise BaseModelError(
+            "the base model is a bitsandbytes checkpoint; dequantizing it needs bitsandbytes",
+            fix="pip install 'loramerge[bnb]' (or pip install bitsandbytes), or bake into the unquantized base",
+        ) from exc
+    return bnb_functional
+
+
+def _dtype_from_name(name: Any) -> torch.dtype | None:
+    dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def dequantized_dtype(config: dict) -> torch.dtype:
+    """The dtype a dequantized weight is saved in under dtype='auto': the model's, else the compute dtype, else bf16."""
+    q = config.get("quantization_config") or {}
+    for name in (config.get("dtype"), config.get("torch_dtype"), q.get("bnb_4bit_compute_dtype")):
+        dtype = _dtype_from_name(name)
+        if dtype is not None:
+            return dtype
+    return torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+
+
+@dataclass
+class Architecture:
+    """What the model's module tree says: each module's layout, and the groups of tied weights."""
+
+    layouts: dict[str, Layout]
+    tied_groups: list[list[str]]
+    known: bool
+
+
+def architecture(base: Path) -> Architecture:
+    """Build the model on the meta device (no memory) to see Conv1D / Embedding modules and tied weights.
+
+    When that is impossible (custom code), ``known`` is False and bake falls back to the adapter's flags.
+    """
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+
+        config = transformers.AutoConfig.from_pretrained(str(base))
+        cls = getattr(transformers, (config.architectures or [""])[0])
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as exc:  # unknown or remote-code architecture
+        log.debug("could not build the model skeleton: %s", exc)
+        return Architecture(layouts={}, tied_groups=[], known=False)
+    layouts: dict[str, Layout] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Conv1D):
+            layouts[name] = "conv1d"
+        elif isinstance(module, torch.nn.Embedding):
+            layouts[name] = "embedding"
+        elif isinstance(module, torch.nn.Linear):
+            layouts[name] = "linear"
+    groups: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(pname)
+    return Architecture(layouts=layouts, tied_groups=[g for g in groups.values() if len(g) > 1], known=True)
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+class TensorReader:
+    """Read any stored tensor by key, from whichever shard holds it (quant states may sit in another shard)."""
+
+    def __init__(self, base: Path, key_to_shard: dict[str, str]):
+        self.base = base
+        self.key_to_shard = key_to_shard
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = self.base / self.key_to_shard[key]
+        try:
+            with safe_open(str(shard), framework="pt") as fh:
+                return fh.get_tensor(key)
+        except Exception as exc:
+            raise BaseModelError(f"could not read tensor '{key}': {exc}", path=str(shard),
+                                 fix="the base model's weight file is damaged; re-download it") from exc
+
+
+def bnb_companions(keys: set[str]) -> dict[str, list[str]]:
+    """Quantized weight key -> the keys of its bitsandbytes state (absmax, quant_map, SCB, ...)."""
+    out: dict[str, list[str]] = {}
+    for key in keys:
+        if ".quant_state.bitsandbytes__" in key:
+            weight = key.split(".quant_state.bitsandbytes__")[0]
+            out[weight] = sorted(k for k in keys if k.startswith(weight + "."))
+        elif key.endswith(".SCB"):
+            prefix = key[: -len(".SCB")]
+            out[prefix + ".weight"] = [k for k in (key, prefix + ".weight_format") if k in keys]
+    return out
+
+
+def dequantize(packed: torch.Tensor, key: str, companions: list[str], reader: TensorReader) -> torch.Tensor:
+    """A bitsandbytes-packed weight as float32 in nn.Linear layout (d_out x d_in)."""
+    F = _import_bnb()
+    if any(".quant_state." in c for c in companions):
+        state = {c[len(key) + 1:]: reader.get(c) for c in companions}
+        quant_state = F.QuantState.from_dict(state, device=torch.device("cpu"))
+        return F.dequantize_4bit(packed, quant_state).float()
+    scb = reader.get(next(c for c in companions if c.endswith(".SCB")))
+    return packed.float() * scb.float().unsqueeze(1) / 127.0
+
+
+def delta_in_layout(factors: LoraFactors, layout: Layout) -> torch.Tensor:
+    """``B @ A`` in the base weight's storage layout (Conv1D and Embedding store the transpose)."""
+    delta = factors.B.float() @ factors.A.float()
+    return delta.T if layout in ("conv1d", "embedding") else delta
+
+
+# ---------------------------------------------------------------------------------------------- bake
+
+
+@dataclass
+class _Plan:
+    """Which stored keys change, and which tied weights must be written out separately."""
+
+    targets: dict[str, str]
+    """stored key -> module whose delta it gets (for stored weights)"""
+    materialise: dict[str, tuple[str, str | None]]
+    """missing tied key -> (stored key it copies, module whose delta it gets or None)"""
+    untied: list[str]
+
+
+def _plan(modules: list[str], stored: set[str], arch: Architecture, base: Path, adapter_base: str | None) -> _Plan:
+    targets: dict[str, str] = {}
+    materialise: dict[str, tuple[str, str | None]] = {}
+    untied: list[str] = []
+    group_of = {p: g for g in arch.tied_groups for p in g}
+    wanted = {m + ".weight": m for m in modules}
+    for key, module in wanted.items():
+        group = group_of.get(key)
+        if group is not None:
+            source = next((p for p in group if p in stored), None)
+            if source is None:
+                continue
+            for member in group:
+                if member in stored:
+                    if member in wanted:
+                        targets[member] = wanted[member]
+                else:
+                    materialise[member] = (source, wanted.get(member))
+            untied.extend(p for p in group if p not in untied)
+        elif key in stored:
+            targets[key] = module
+    missing = [m for m in modules if m + ".weight" not in targets and m + ".weight" not in materialise]
+    if missing:
+        raise IncompatibleAdaptersError(
+            f"the base model has no weight for {len(missing)} adapted module(s), e.g. '{missing[0]}'",
+            path=str(base), module=missing[0],
+            fix=f"bake into the base model the adapter was trained on (its config names '{adapter_base}')",
+        )
+    return _Plan(targets=targets, materialise=materialise, untied=untied)
+
+
+def _fallback_layout(source: DeltaSource, module: str) -> Layout:
+    if source.kinds.get(module) == "embedding":
+        return "embedding"
+    return "conv1d" if source.fan_in_fan_out else "linear"
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise LoramergeError(f"unknown dtype '{dtype}'", fix=f"use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _add(weight: torch.Tensor, factors: LoraFactors, layout: Layout, module: str, shard: Path) -> torch.Tensor:
+    delta = delta_in_layout(factors, layout)
+    if tuple(weight.shape) != tuple(delta.shape):
+        raise IncompatibleAdaptersError(
+            f"the adapter's delta is {tuple(delta.shape)} ({layout} layout) but the base weight is "
+            f"{tuple(weight.shape)}", path=str(shard), module=module,
+            fix="bake the adapter into the base model it was trained on",
+        )
+    return weight.float() + delta
+
+
+def _out_config(config: dict, dtype: torch.dtype | None, untied: list[str]) -> dict:
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]
+        for key in keys:
+            out[key] = name
+    if untied:
+        out["tie_word_embeddings"] = False
+    return out
+
+
+def _card(source: DeltaSource, base_ref: str, dtype_name: str, dequantized: str | None, untied: list[str]) -> str:
+    from loramerge.version import __version__
+
+    lines = ["---", "library_name: transformers", "tags:", "- loramerge", "- lora", "- baked"]
+    if "/" in base_ref and not Path(base_ref).exists():
+        lines.append(f"base_model: {base_ref}")
+    lines += ["---", "", "# Baked model", "",
+              f"Base model `{base_ref}` with {source.label} merged into its weights "
+              f"(W + B @ A per adapted module), made with loramerge {__version__} (`loramerge bake`).", "",
+              f"- adapted modules: {len(source.kinds)}", f"- dtype: {dtype_name}"]
+    if dequantized:
+        lines.append(f"- the base was a {dequantized} checkpoint, dequantized before merging")
+    if untied:
+        lines.append(f"- untied weights (the adapter changes only one of them): {', '.join(untied)}")
+    return "\n".join(lines) + "\n"
+
+
+def _dtype_label(config: dict, dtype: torch.dtype | None) -> str:
+    if dtype is not None:
+        return str(dtype).replace("torch.", "")
+    return f"as the base ({config.get('dtype') or config.get('torch_dtype') or 'unknown'})"
+
+
+def _write_side_files(tmp: Path, base: Path, config: dict, card: str) -> None:
+    """config.json, the model card, and the base's small files (tokenizer, generation config, ...)."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for item in sorted(base.iterdir()):
+        if (item.is_file() and not item.name.startswith(".") and item.name not in _REWRITTEN
+                and not item.name.endswith(_NOT_COPIED_SUFFIXES)):
+            shutil.copy2(item, tmp / item.name)
+    (tmp / "README.md").write_text(card)
+
+
+@dataclass
+class _ShardBaker:
+    """Turns one base shard into its baked tensors: dequantize, add the deltas, cast."""
+
+    base: Path
+    source: DeltaSource
+    plan: _Plan
+    companions: dict[str, list[str]]
+    reader: TensorReader
+    conv1d: set[str]
+    layouts: dict[str, Layout]
+    out_dtype: torch.dtype | None
+    dequant_dtype: torch.dtype
+    stored: set[str]
+    baked: list[str] = field(default_factory=list)
+
+    def unpacked(self, key: str, raw: torch.Tensor) -> torch.Tensor:
+        """A stored tensor in the unquantized model's storage layout (a packed one dequantized to float32)."""
+        if key not in self.companions:
+            return raw
+        weight = dequantize(raw, key, self.companions[key], self.reader)
+        return weight.T.contiguous() if key[: -len(".weight")] in self.conv1d else weight
+
+    def saved_as(self, key: str, raw: torch.Tensor) -> torch.dtype:
+        if key in self.companions:
+            return self.dequant_dtype
+        if not raw.dtype.is_floating_point:
+            return raw.dtype
+        return self.out_dtype or raw.dtype
+
+    def with_delta(self, weight: torch.Tensor, module: str | None, shard: Path) -> torch.Tensor:
+        if module is None:
+            return weight.clone()
+        self.baked.append(module)
+        return _add(weight, self.source.read(module), self.layouts[module], module, shard)
+
+    def shard(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self.base / name
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if key not in self.stored:
+                    continue
+                raw = fh.get_tensor(key)
+                value, dtype = self.unpacked(key, raw), self.saved_as(key, raw)
+                for member, (source_key, member_module) in self.plan.materialise.items():
+                    if source_key == key:
+                        tensors[member] = self.with_delta(value, member_module, path).to(dtype).contiguous()
+                if key in self.plan.targets:
+                    value = self.with_delta(value, self.plan.targets[key], path)
+                tensors[key] = value.to(dtype).contiguous()
+        return tensors
+
+
+def bake(
+    adapter_or_merge_result: Any,
+    base_model_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    force: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    show_progress: bool = False,
+) -> BakeResult:
+    """Merge an adapter (path, hub id, ``LoraAdapter`` or ``MergeResult``) into a base model and save it.
+
+    ``dtype='auto'`` keeps each tensor's dtype (a dequantized weight takes the model's dtype, else bf16);
+    ``float32``/``float16``/``bfloat16`` casts every floating-point tensor. The output holds the shards
+    (same names), config.json (quantization removed), the tokenizer and other small files of the base,
+    and a model card.
+    """
+    out_dtype = _resolve_dtype(dtype)
+    source = delta_source(adapter_or_merge_result, allow_pickle=allow_pickle)
+    from loramerge.io.hub import resolve_model
+
+    base = resolve_model(base_model_path, revision=revision)
+    output = check_output_path(Path(out_dir), force=force, inputs=[base, *source.inputs])
+    config = _read_config(base)
+    key_to_shard, sharded = _key_to_shard(base)
+    quantized = quantization_of(config)
+    notices: list[str] = []
+    if quantized:
+        _import_bnb()
+        notices.append(f"the base is a {quantized} checkpoint: its weights are dequantized before the adapter is "
+                       "merged, and the baked model is saved unquantized (quantize it again when you load it)")
+    modules = sorted(source.kinds)
+    arch = architecture(base)
+    if not arch.known:
+        notices.append("could not build the model's module tree from config.json (unknown architecture); using "
+                       f"the adapter's fan_in_fan_out={source.fan_in_fan_out} for weight layouts, and tied "
+                       "weights could not be detected (check an embedding or lm_head LoRA by hand)")
+    companions = bnb_companions(set(key_to_shard)) if quantized else {}
+    state_keys = {c for cs in companions.values() for c in cs}
+    stored = set(key_to_shard) - state_keys
+    plan = _plan(modules, stored, arch, base, source.base_model)
+    if plan.untied:
+        notices.append(f"untied {', '.join(plan.untied)}: the adapter changes only one of them, "
+                       "so they are saved as separate tensors")
+    for notice in notices:
+        log.warning(notice)
+    job = _ShardBaker(
+        base=base, source=source, plan=plan, companions=companions, reader=TensorReader(base, key_to_shard),
+        conv1d={m for m, lay in arch.layouts.items() if lay == "conv1d"},
+        layouts={m: arch.layouts.get(m) or _fallback_layout(source, m) for m in modules},
+        out_dtype=out_dtype, dequant_dtype=out_dtype or dequantized_dtype(config), stored=stored,
+    )
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_directory(output, force=force) as tmp:
+            for shard in progress_bar(sorted(set(key_to_shard.values())), description="baking", enabled=show_progress):
+                tensors = job.shard(shard)
+                save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+                for key, tensor in tensors.items():
+                    weight_map[key] = shard
+                    total_size += tensor.numel() * tensor.element_size()
+                del tensors
+            if sharded:
+                index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            config_dtype = out_dtype or (job.dequant_dtype if quantized else None)
+            _write_side_files(tmp, base, _out_config(config, config_dtype, plan.untied),
+                              _card(source, str(base_model_path), _dtype_label(config, config_dtype), quantized,
+                                    plan.untied))
+    except OSError as exc:
+        raise OutputError(f"could not write the baked model: {exc}", path=str(output),
+                          fix="check free disk space (a full model needs as much as the base) and permissions; "
+                          "nothing was changed at the output path") from exc
+    saved_dtype = config_dtype or _dtype_from_name(config.get("dtype") or config.get("torch_dtype")) or torch.float32
+    return BakeResult(output=output, dtype=saved_dtype, baked_modules=sorted(set(job.baked)),
+                      dequantized=quantized, untied=plan.untied, notices=notices)
+
+
+__all__ = ["BakeResult", "bake", "delta_source", "dequantize", "quantization_of"]

@@ -1,0 +1,151 @@
+"""YAML merge recipes, validated with messages that point at the key and suggest the fix.
+
+```yaml
+method: ties
+base_model: my-org/base       # optional; checked against the adapters
+adapters:
+  - {path: ./code, weight: 0.7}
+  - {path: user/math-lora, weight: 0.3, revision: main}
+parameters: {density: 0.2}
+rank: exact                   # exact | auto | max | 16 | {energy: 0.99}
+dtype: auto                   # auto | float32 | float16 | bfloat16
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loramerge.core.factored import RankPolicy
+from loramerge.errors import RecipeError
+
+DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class AdapterEntry(BaseModel):
+    """One input adapter: a local directory or a hub id, with its weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    revision: str | None = None
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("weight must be a finite number")
+        return v
+
+
+class Recipe(BaseModel):
+    """A merge recipe (mergekit-like)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    adapters: list[AdapterEntry] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    rank: str | int | dict[str, float] = "auto"
+    dtype: DTypeName = "auto"
+    base_model: str | None = None
+    factorwise: bool = False
+    seed: int = 0
+    allow_pickle: bool = False
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _plain_paths(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"path": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_parses(cls, v: Any) -> Any:
+        RankPolicy.parse(v)
+        return v
+
+    @model_validator(mode="after")
+    def _method_and_parameters(self) -> Recipe:
+        from loramerge.merging.methods import get_method
+
+        method = get_method(self.method)
+        try:
+            method.make_config(self.parameters)
+        except ValidationError as exc:
+            raise RecipeError(_explain(exc, f"parameters of method '{method.name}'",
+                                       list(method.config_cls.model_fields) + _aliases(method.config_cls)),
+                              fix="`loramerge methods` lists each method's parameters and defaults") from exc
+        if self.factorwise and method.factorwise is None:
+            raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
+                              fix="factorwise works with task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune")
+        return self
+
+    @property
+    def rank_policy(self) -> RankPolicy:
+        return RankPolicy.parse(self.rank)
+
+
+def _aliases(model: type[BaseModel]) -> list[str]:
+    return [f.alias for f in model.model_fields.values() if f.alias]
+
+
+def _explain(exc: ValidationError, where: str, valid: list[str]) -> str:
+    lines = [f"invalid {where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(set(valid)))}"
+            lines.append(f"  unknown key '{loc}'{hint}")
+        else:
+            lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, *, base_dir: Path | None = None, source: str = "recipe") -> Recipe:
+    """Validate a recipe dict; relative adapter paths resolve against ``base_dir`` when they exist there."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source} must be a mapping with keys method, adapters, ...", path=source,
+                          fix="see examples/*.yaml for the format")
+    try:
+        recipe = Recipe(**data)
+    except RecipeError as exc:
+        exc.path = exc.path or source
+        raise RecipeError(exc.message, path=source, fix=exc.fix) from None
+    except ValidationError as exc:
+        raise RecipeError(_explain(exc, "recipe", list(Recipe.model_fields) + list(AdapterEntry.model_fields)),
+                          path=source, fix="see examples/*.yaml for the format") from None
+    if base_dir is None:
+        return recipe
+    adapters = []
+    for entry in recipe.adapters:
+        candidate = (base_dir / entry.path).expanduser()
+        if not Path(entry.path).is_absolute() and candidate.exists():
+            entry = entry.model_copy(update={"path": str(candidate.resolve())})
+        adapters.append(entry)
+    return recipe.model_copy(update={"adapters": adapters})
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", path=str(path), fix="check the path to the YAML recipe")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe is not valid YAML: {exc}", path=str(path), fix="fix the YAML syntax") from exc
+    return parse_recipe(data, base_dir=path.parent, source=str(path))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(exclude_defaults=False, exclude_none=True), sort_keys=False)
