@@ -272,6 +272,9 @@ def _mount_subcommands() -> None:
     app.command("push")(push_command)
     app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")
     app.add_typer(lori_app, name="lori", help="LoRI: frozen random A, sparse B masks and checks.")
+    from loramerge.cli.data import calibrate_command  # issue 11: statistics for the data-informed methods
+
+    app.command("calibrate")(calibrate_command)
 
 
 _mount_subcommands()

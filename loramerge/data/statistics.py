@@ -182,7 +182,7 @@ def statistics_for(recipe: Any, adapters: Sequence[LoraAdapter], *, need: str, s
                           fix="add `calibration: DIR` (from `loramerge calibrate`) or `data: {name: file.jsonl}`")
     examples = read_examples(data, tasks=[a.name for a in adapters]) if data is not None else None
     weights = [e.weight for e in recipe.adapters]
-    if calibration is not None and (Path(calibration) / MANIFEST).exists():
+    if calibration is not None and (data is None or (Path(calibration) / MANIFEST).exists()):
         return CalibrationStats.open(calibration).bind(adapters, base_model=recipe.base_model, data=examples,
                                                        need=need, weights=weights)
     if recipe.base_model is None:

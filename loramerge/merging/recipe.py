@@ -60,7 +60,8 @@ class Recipe(BaseModel):
     seed: int = 0
     allow_pickle: bool = False
     calibration: str | None = None  # data-informed methods: a `loramerge calibrate` directory
-    data: str | dict[str, str] | None = None  # ... or texts per adapter, calibrated on the fly (needs base_model)
+    data: str | dict[str, str | list[str]] | None = None  # ... or texts per adapter (files or inline lists),
+    # calibrated on the fly (needs base_model)
     post: str | dict[str, Any] | None = None  # a post-step on every merged delta: `lines` (LiNeS)
 
     @field_validator("adapters", mode="before")
@@ -153,7 +154,7 @@ def parse_recipe(data: Any, *, base_dir: Path | None = None, source: str = "reci
         update["calibration"] = str((base_dir / recipe.calibration).expanduser()) if not Path(
             recipe.calibration).is_absolute() else recipe.calibration
     if isinstance(recipe.data, dict):
-        update["data"] = {k: _near(base_dir, v) for k, v in recipe.data.items()}
+        update["data"] = {k: _near(base_dir, v) if isinstance(v, str) else v for k, v in recipe.data.items()}
     elif recipe.data is not None:
         update["data"] = _near(base_dir, recipe.data)
     return recipe.model_copy(update=update)
