@@ -201,7 +201,7 @@ def run_merge(
     if method.data != "none":  # issue 11: calibration statistics (checked against these adapters) as the context
         from loramerge.data.statistics import statistics_for
 
-        context = statistics_for(recipe, adapters, need=method.data, show_progress=show_progress)
+        context = statistics_for(recipe, adapters, need=method.data, show_progress=show_progress, config=cfg)
     post = build_post(recipe.post, module_names)  # issue 11: `post: lines` (LiNeS) scales every merged delta
     out_modules: list[OutputModule] = []
     reports: list[ModuleReport] = []
