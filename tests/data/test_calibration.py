@@ -117,6 +117,16 @@ def test_fisher_equals_the_dense_weighted_average(setup):
             den = den + weights[name] * F
         want = num / den  # rank "exact" stores the dense result losslessly
         torch.testing.assert_close(factors.delta().double(), want, rtol=1e-4, atol=1e-7)
+        if module.endswith("layers.1.self_attn.q_proj"):  # normalize: each adapter's Fisher over its mean
+            normed = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="fisher",
+                           parameters={"floor": 0.0, "normalize": True}, calibration=str(out), rank="exact").factors()
+            num = den = 0
+            for name in names:
+                u, v = stats.fisher(name, module)
+                F = torch.outer(u / u.mean(), v / v.mean())
+                delta = dense_delta(adapters[name], module)
+                num, den = num + F * (delta if delta is not None else 0), den + F
+            torch.testing.assert_close(normed[module].delta().double(), num / den, rtol=1e-4, atol=1e-7)
         assert torch.linalg.matrix_rank(want) > max(load_adapter(p).modules[module].rank for p in adapters.values()
                                                     if module in load_adapter(p).modules)  # it densified
 

@@ -107,6 +107,8 @@ def regmean_plus(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
 class FisherConfig(MethodConfig):
     floor: float = Field(1e-6, ge=0.0, description="added to every Fisher value, relative to their mean "
                                                    "(keeps the division defined where all Fishers vanish)")
+    normalize: bool = Field(False, description="divide each adapter's Fisher by its mean over the module, so a "
+                                               "confident (low-loss) model is not silenced; not in the paper")
 
 
 def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
@@ -116,6 +118,8 @@ def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
     stats = _stats(inputs, "fisher")
     present = dict(zip(inputs.adapter_names, zip(inputs.factors, inputs.weights)))
     factors = {n: stats.fisher(n, inputs.name) for n in stats.names}
+    if cfg.normalize:  # mean of outer(u, v) is mean(u) * mean(v)
+        factors = {n: (u / u.mean().clamp_min(1e-30), v / v.mean().clamp_min(1e-30)) for n, (u, v) in factors.items()}
     weights = {n: (present[n][1] if n in present else stats.weights.get(n, 1.0)) for n in stats.names}
     mean = sum(float(u.mean() * v.mean()) for u, v in factors.values()) / len(factors)
     eps = cfg.floor * max(mean, 1e-30)
