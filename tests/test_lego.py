@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loramerge import load_adapter, merge
+from loramerge.artifacts.shrink import shrink_adapter
 from loramerge.core.adapter import LoraFactors
 from loramerge.demo.toy import assert_peft_forward
 from loramerge.errors import RecipeError
@@ -19,7 +20,6 @@ from loramerge.merging.methods.lego import (
     kmeans,
     lego_merge,
     lora_lego,
-    shrink_adapter,
 )
 
 EXACT = {"parameter_reweight": False, "output_reweight": "none"}
