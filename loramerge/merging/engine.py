@@ -187,11 +187,16 @@ def run_merge(
     module_names = sorted({m for a in adapters for m in a.modules})
 
     def module_inputs(name: str, context: Any = None) -> ModuleInputs:
-        present = [i for i, a in enumerate(adapters) if name in a.modules]
+        # Every adapter takes part in every module: one that lacks the module is a ZERO task vector there
+        # (model-soup semantics, issue 14), given to the method as rank-0 factors, so that normalising
+        # methods (average, normalize: true, STAR, LEGO's norm) divide by all the weights, not only the
+        # weights of the adapters that have the module.
+        loaded = {i: a.factors(name, device=device) for i, a in enumerate(adapters) if name in a.modules}
+        first = next(iter(loaded.values()))
+        absent = LoraFactors(A=first.A.new_zeros(0, first.d_in), B=first.B.new_zeros(first.d_out, 0), kind=first.kind)
         return ModuleInputs(
-            name=name, factors=tuple(adapters[i].factors(name, device=device) for i in present),
-            weights=tuple(weights[i] for i in present),
-            adapter_names=tuple(adapters[i].name for i in present), seed=recipe.seed, context=context,
+            name=name, factors=tuple(loaded.get(i, absent) for i in range(len(adapters))), weights=tuple(weights),
+            adapter_names=tuple(a.name for a in adapters), seed=recipe.seed, context=context,
         )
 
     context = None
