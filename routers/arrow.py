@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from loramerge.core.adapter_set import AdapterSet
 from loramerge.errors import LoramergeError, RecipeError
 
 from .base import Router, top_k_softmax
 from .controller import AdapterLike, GatedLora
-from .gated import load_adapters
 from .layers import GateModule
 from .lm_loss import ensure_pad_token
 
@@ -120,10 +120,11 @@ class ArrowRouter(Router):
         factored SVD (``"svd"``: QR + small SVD, same vector up to sign)."""
         if method not in ("power", "svd"):
             raise RecipeError(f"unknown prototype method '{method}'", fix="use 'power' or 'svd'")
-        loaded = load_adapters(adapters, names)
+        aset = AdapterSet.open(adapters, names=names)
+        loaded = list(aset)
         prototypes, present = {}, {}
-        for module in sorted({m for a in loaded for m in a.modules}):
-            idx = [i for i, a in enumerate(loaded) if module in a.modules]
+        for module in aset.module_names:
+            idx = list(aset.present(module))
             vecs = []
             for i in idx:
                 f = loaded[i].factors(module)

@@ -1,8 +1,10 @@
 """``loramerge route train|eval``: write a router artifact from adapters and labelled examples; score it.
 
-A Typer app named ``app`` that the main command mounts as ``loramerge route``. Data files are JSONL,
-one ``{"text": ..., "task": ...}`` per line, where ``task`` names the adapter that should serve the text
-(LoraHub reads ``{"input": ..., "output": ...}`` lines instead).
+A Typer app named ``app`` that the main command mounts as ``loramerge route``. Data goes through the one
+data reader (``loramerge.data.examples``): JSONL lines with a ``task`` (the adapter that should serve the
+example; or a file per adapter, ``--data NAME=FILE``) and either ``text`` or ``prompt`` + ``options`` +
+``label``, the same files ``calibrate`` and ``tune`` read (LoraHub reads the new task's ``input``/``output``
+lines).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from loramerge.errors import LoramergeError
 app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
                   help="Routers: pick each prompt's adapter mixture (centroid, knn, classifier, arrow, moe, lorahub).")
 
+DATA_HELP = ("JSONL, one example per line: a 'task' (the adapter that should serve it) and 'text', or 'prompt' + "
+             "'options' + 'label' (routed on the prompt); repeat as --data NAME=FILE for a file per adapter "
+             "(lines need no task). LoraHub: the new task's {'input', 'output'} (or 'text') lines.")
 KINDS = ("centroid", "knn", "classifier", "arrow", "moe", "lorahub")  # registry.TRAINABLE_KINDS (tested equal)
 
 
@@ -30,7 +35,7 @@ def train(
     adapters: list[str] = typer.Argument(None, help="Adapters to route over: name=path or path (name = directory name)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the router artifact."),
     kind: str = typer.Option("classifier", help=f"Router: {', '.join(KINDS)}."),
-    data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} (lorahub: {"input", "output"}).'),
+    data: list[str] | None = typer.Option(None, help=DATA_HELP),
     base_model: Path | None = typer.Option(None, "--base-model", help="Base model directory (for base-model "
                                                                      "embeddings, arrow per request, moe, lorahub)."),
     embedder: str = typer.Option("base", help="centroid/knn/classifier features: 'base' (pooled hidden state) or "
@@ -50,7 +55,7 @@ def train(
 ) -> None:
     """Train (or build, for data-free Arrow) a router over ADAPTERS and write it to OUTPUT."""
     try:
-        router = build_router(adapters or [], kind=kind, data=data, base_model=base_model, embedder=embedder,
+        router = build_router(adapters or [], kind=kind, data=_data_source(data), base_model=base_model, embedder=embedder,
                               layer=layer, twin=twin, top_k=top_k, temperature=temperature, epochs=epochs, lr=lr,
                               space=space, mode=mode, budget=budget, seed=seed)
         out = router.save(output, force=force)
@@ -60,7 +65,16 @@ def train(
     console.print(f"wrote a {router.kind} router over {', '.join(router.adapter_names)} to {out}")
 
 
-def build_router(adapters: list[str], *, kind: str, data: Path | None = None, base_model: Path | None = None,
+def _data_source(items: list[str] | None):
+    """``--data`` values: one file, several files, or NAME=FILE items (the data reader's CLI form)."""
+    if not items:
+        return None
+    from loramerge.data.examples import parse_data_specs
+
+    return parse_data_specs(items)
+
+
+def build_router(adapters: list[str], *, kind: str, data=None, base_model: Path | None = None,
                  embedder: str = "base", layer: int = -1, twin: Path | None = None, top_k: int | None = None,
                  temperature: float | None = None, epochs: int | None = None, lr: float | None = None,
                  space: str | None = None, mode: str | None = None, budget: int | None = None, seed: int = 0):
@@ -82,7 +96,7 @@ def build_router(adapters: list[str], *, kind: str, data: Path | None = None, ba
 @app.command("eval")
 def evaluate(
     router_dir: Path = typer.Argument(..., help="Router artifact directory."),
-    data: Path = typer.Option(..., help='JSONL of {"text", "task"}.'),
+    data: list[str] = typer.Option(..., help=DATA_HELP),
     base_model: Path | None = typer.Option(None, "--base-model", help="Base model (for base-model embeddings, "
                                                                      "arrow, moe, and task scores)."),
     adapters: list[str] = typer.Option(None, "--adapter", "-a", help="name=path of an adapter the router routes "
@@ -93,7 +107,7 @@ def evaluate(
 ) -> None:
     """Routing accuracy (overall, per task, confusion) of ROUTER_DIR on DATA; LM loss per task when adapters are given."""
     try:
-        result = evaluate_router(router_dir, data, base_model=base_model, adapters=adapters or [], twin=twin)
+        result = evaluate_router(router_dir, _data_source(data), base_model=base_model, adapters=adapters or [], twin=twin)
     except LoramergeError as exc:
         fail(exc)
         return
@@ -102,7 +116,7 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def evaluate_router(router_dir: Path, data: Path, *, base_model: Path | None = None, adapters: list[str] = (),
+def evaluate_router(router_dir: Path, data, *, base_model: Path | None = None, adapters: list[str] = (),
                     twin: Path | None = None) -> dict:
     """Routing accuracy and (with a model and adapters) mean LM loss per task: routed / oracle / uniform."""
     from .artifact import read_artifact

@@ -1,70 +1,35 @@
-"""Labelled examples for routers: texts and the adapter (task) that should serve each one."""
+"""Labelled examples for routers, read through the one data reader (``loramerge.data.examples``).
+
+Every form that reader takes works here: JSONL lines with a ``task`` and either ``text`` (or
+``input``/``output``) or ``prompt`` + ``options`` + ``label`` (a choice example routes on its prompt),
+a file per adapter (``{name: file}``), ``.txt``, ``(texts, tasks)``, ``{task: [texts]}``, a list of dicts,
+a ``datasets.Dataset``. ``label_indices`` maps task names onto a router's adapter order.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from loramerge.data.examples import ChoiceExample, read_records, texts_and_tasks
 from loramerge.errors import RecipeError
 
 
-def read_jsonl(path: str | Path, *, text_field: str = "text", task_field: str = "task") -> tuple[list[str], list[str]]:
-    """Read ``{"text": ..., "task": ...}`` lines (blank lines skipped); errors name the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("data file not found", path=str(path), fix="give a JSONL file with one {\"text\", \"task\"} per line")
-    texts, tasks = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            texts.append(str(row[text_field]))
-            tasks.append(str(row[task_field]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RecipeError(f"line {number} is not a JSON object with '{text_field}' and '{task_field}': {exc}",
-                              path=str(path), fix=f'write each line as {{"{text_field}": "...", "{task_field}": "..."}}') from None
-    if not texts:
-        raise RecipeError("the data file holds no examples", path=str(path), fix="add JSONL lines")
-    return texts, tasks
-
-
 def task_examples(data: Any, *, text_field: str = "text", task_field: str = "task") -> tuple[list[str], list[str]]:
-    """Texts and task labels from any of the accepted forms.
+    """``(texts, tasks)`` in the data's order, from any form the data reader takes."""
+    return texts_and_tasks(data, text_field=text_field, task_field=task_field)
 
-    ``(texts, labels)``; ``{task: [texts]}``; a list of ``{"text", "task"}`` dicts; a JSONL path; or a
-    ``datasets.Dataset`` with those columns (a ``ClassLabel`` task column gives its names).
-    """
-    if isinstance(data, (str, Path)):
-        return read_jsonl(data, text_field=text_field, task_field=task_field)
-    if hasattr(data, "column_names") and hasattr(data, "features"):  # a datasets.Dataset, no import needed
-        missing = {text_field, task_field} - set(data.column_names)
-        if missing:
-            raise RecipeError(f"the dataset has no column '{sorted(missing)[0]}'",
-                              fix=f"rename columns to '{text_field}' / '{task_field}' or pass text_field=/task_field=")
-        labels = list(data[task_field])
-        names = getattr(data.features[task_field], "names", None)
-        if names is not None:
-            labels = [names[i] for i in labels]
-        return [str(t) for t in data[text_field]], [str(x) for x in labels]
-    if isinstance(data, Mapping):
-        texts = [str(t) for task in data for t in data[task]]
-        return texts, [str(task) for task in data for _ in data[task]]
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], Mapping):
-        texts, labels = list(map(str, data[0])), list(map(str, data[1]))
-        if len(texts) != len(labels):
-            raise RecipeError(f"{len(texts)} texts but {len(labels)} labels", fix="give one task label per text")
-        return texts, labels
-    rows = list(data)
-    if rows and all(isinstance(r, Mapping) for r in rows):
-        return [str(r[text_field]) for r in rows], [str(r[task_field]) for r in rows]
-    raise RecipeError("cannot read training examples from this object",
-                      fix="pass (texts, labels), {task: [texts]}, a list of {'text','task'} dicts, a JSONL path or a "
-                      "datasets.Dataset")
+
+read_jsonl = task_examples  # the old name for reading a JSONL path (same result)
+
+
+def lm_examples(data: Any) -> list[str | tuple[str, str]]:
+    """Examples of one new task for an LM loss (LoraHub): texts, ``(input, output)`` pairs, or a choice
+    example's ``(prompt, answer)``. Any ``task`` field is ignored: every line belongs to the task searched for."""
+    records = read_records(data, task="new-task", task_field="\0no task field")
+    return [(r.prompt, r.answer) if isinstance(r, ChoiceExample) else r.as_lm() for r in records]
 
 
 def label_indices(labels: Sequence[str], adapter_names: Sequence[str]) -> torch.Tensor:
@@ -76,4 +41,4 @@ def label_indices(labels: Sequence[str], adapter_names: Sequence[str]) -> torch.
     return torch.tensor([lookup[x] for x in labels], dtype=torch.long)
 
 
-__all__ = ["label_indices", "read_jsonl", "task_examples"]
+__all__ = ["label_indices", "lm_examples", "read_jsonl", "task_examples"]

@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.adapter import LoraAdapter, LoraFactors
+from loramerge.core.adapter_set import AdapterSet
 from loramerge.errors import IncompatibleAdaptersError, LoramergeError, UnsupportedAdapterError
 
 from .controller import AdapterLike, GatedLora, WeightsLike
@@ -43,31 +44,8 @@ from .layers import (
 
 
 def load_adapters(adapters: Sequence[AdapterLike], names: Sequence[str] | None = None) -> list[LoraAdapter]:
-    """Open adapters (paths or ``LoraAdapter``) lazily; names must be unique."""
-    if not adapters:
-        raise LoramergeError("no adapters given", fix="pass at least one LoRA adapter directory")
-    if names is not None and len(names) != len(adapters):
-        raise LoramergeError(f"{len(names)} names for {len(adapters)} adapters", fix="give one name per adapter")
-    loaded = []
-    for i, adapter in enumerate(adapters):
-        name = names[i] if names is not None else None
-        if isinstance(adapter, LoraAdapter):
-            loaded.append(adapter if name is None or name == adapter.name else _renamed(adapter, name))
-        else:
-            loaded.append(load_adapter(adapter, name=name))
-    seen: set[str] = set()
-    for adapter in loaded:
-        if adapter.name in seen:
-            raise LoramergeError(f"adapter name '{adapter.name}' is used twice", path=str(adapter.source.local_path),
-                                 fix="give each adapter a distinct name (names=[...])")
-        seen.add(adapter.name)
-    return loaded
-
-
-def _renamed(adapter: LoraAdapter, name: str) -> LoraAdapter:
-    from dataclasses import replace
-
-    return replace(adapter, name=name)
+    """The adapters of ``AdapterSet.open(adapters, names=names)`` as a list (kept for callers of the old API)."""
+    return list(AdapterSet.open(adapters, names=names))
 
 
 LayerFactory = Callable[[str, nn.Module, str, list[LoraFactors], list[int], GateState, torch.dtype, torch.device],
@@ -80,7 +58,7 @@ def _gated_factory(name, base, kind, factors, present, state, dtype, device) -> 
 
 def attach_gated_lora(
     model: nn.Module,
-    adapters: Sequence[AdapterLike],
+    adapters: Sequence[AdapterLike] | AdapterSet,
     *,
     names: Sequence[str] | None = None,
     weights: Sequence[float] | torch.Tensor | None = None,
@@ -92,16 +70,19 @@ def attach_gated_lora(
     ``weights`` are the defaults used when none are set (ones: the plain sum of the deltas).
     Modules absent from some adapters are gated over the adapters that have them. The factors are
     read module by module, stored in the base module's dtype (or ``dtype``) on its device.
+    ``adapters``: paths or ``LoraAdapter`` objects (opened and checked with ``AdapterSet.open``: distinct names,
+    one base model, agreeing shapes) or an ``AdapterSet``.
     """
-    loaded = load_adapters(adapters, names)
-    adapter_names = [a.name for a in loaded]
+    aset = adapters if isinstance(adapters, AdapterSet) else AdapterSet.open(adapters, names=names)
+    loaded = list(aset)
+    adapter_names = list(aset.names)
     default = torch.ones(len(loaded)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if default.shape != (len(loaded),):
         raise LoramergeError(f"{default.numel()} default weights for {len(loaded)} adapters",
                              fix="give one default weight per adapter")
     state = GateState(len(loaded), default)
     factory = layer_factory or _gated_factory
-    module_names = sorted({m for a in loaded for m in a.modules})
+    module_names = aset.module_names
     layers: dict[str, GatedLayerBase] = {}
     originals: dict[str, nn.Module] = {}
     for name in module_names:
@@ -115,7 +96,7 @@ def attach_gated_lora(
                 f"gated LoRA wraps nn.Linear, GPT-2 Conv1D and nn.Embedding, not {type(base).__name__}",
                 module=name, fix="route adapters that target Linear/Conv1D/Embedding layers only",
             )
-        present = [i for i, a in enumerate(loaded) if name in a.modules]
+        present = list(aset.present(name))
         factors = [loaded[i].factors(name) for i in present]
         _check_shapes(name, base, kind, factors, [loaded[i] for i in present])
         weight = base.weight

@@ -6,34 +6,26 @@ Everything is loaded lazily and once (the base model, the examples), so a router
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from loramerge.core.names import parse_pairs
 from loramerge.errors import RecipeError
 
 from .controller import GatedLora
-from .data import task_examples
+from .data import lm_examples, task_examples
 from .embedders import Embedder, MiniLMEmbedder, PooledHiddenEmbedder
 
 EMBEDDERS = ("base", "minilm")
 
 
 def parse_adapters(items: list[str]) -> tuple[list[str], list[str]]:
-    """``name=path`` or ``path`` (named after its directory) -> (names, paths)."""
-    names, paths = [], []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).name, item
-        if not name or not path:
-            raise RecipeError(f"cannot read adapter '{item}'", fix="write adapters as name=path or path")
-        names.append(name)
-        paths.append(path)
-    return names, paths
+    """``name=path`` or ``path`` (named after its directory) -> (names, paths), through the one name parser."""
+    pairs = parse_pairs(items, option="adapter", name_optional=True)
+    return list(pairs), list(pairs.values())
 
 
 def load_base(path: Path | None, *, needed_for: str) -> tuple[nn.Module, Any]:
@@ -69,27 +61,13 @@ def attach(model: nn.Module, names: list[str], paths: list[str], twin: Path | No
     return attach_gated_lora(model, paths, names=names)
 
 
-def read_pairs(path: Path) -> list[Any]:
-    """LoraHub examples: ``{"input", "output"}`` lines as pairs, ``{"text"}`` lines as texts."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append((row.get("input", ""), row["output"]) if "output" in row else row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise RecipeError(f"line {number} needs 'input'/'output' (or 'text')", path=str(path),
-                              fix='write lines as {"input": "...", "output": "..."}') from None
-    return rows
-
-
 @dataclass
 class RouterInputs:
     """The inputs of ``route train``; router classes take what they need (``Router.from_inputs``)."""
 
     adapter_items: list[str]
-    data: Path | None = None
+    data: Any = None
+    """``--data``: a file, ``name=file`` items (a file per adapter), or anything the data reader takes."""
     base_model: Path | None = None
     embedder: str = "base"
     layer: int = -1
@@ -118,7 +96,7 @@ class RouterInputs:
     def controller(self, model: nn.Module, *, core: bool = False) -> GatedLora:
         return attach(model, self.names, self.paths, self.twin, core=core)
 
-    def _data(self, kind: str) -> Path:
+    def _data(self, kind: str) -> Any:
         if self.data is None:
             raise RecipeError(f"a {kind} router learns from data", fix="pass --data FILE.jsonl")
         return self.data
@@ -129,7 +107,7 @@ class RouterInputs:
 
     def pairs(self) -> list[Any]:
         """LoraHub's few examples of the new task from ``--data``."""
-        return read_pairs(self._data("lorahub"))
+        return lm_examples(self._data("lorahub"))
 
     def features(self) -> tuple[Embedder, list[str] | None]:
         """The embedder for centroid / knn / classifier routers and the adapter names they route over."""
@@ -150,4 +128,4 @@ class RouterInputs:
         return features, route_names
 
 
-__all__ = ["RouterInputs", "attach", "load_base", "parse_adapters", "read_pairs"]
+__all__ = ["RouterInputs", "attach", "load_base", "parse_adapters"]
