@@ -21,6 +21,7 @@ from loramerge.errors import IncompatibleAdaptersError, NumericalError, RecipeEr
 from loramerge.io.card import model_card
 from loramerge.io.writer import OutputModule, build_lora_config, check_output_path, write_adapter
 from loramerge.merging.methods import Dense, MergeMethod, ModuleInputs, get_method
+from loramerge.merging.methods.core_space import method_function
 from loramerge.merging.recipe import AdapterEntry, Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from loramerge.version import __version__
 
@@ -172,7 +173,7 @@ def run_merge(
     started = time.perf_counter()
     method = get_method(recipe.method)
     cfg = method.make_config(recipe.parameters)
-    fn = method.factorwise if recipe.factorwise else method.fn
+    fn = method_function(method, recipe.space, factorwise=recipe.factorwise)
     policy = method.fixed_rank if method.fixed_rank and recipe.rank == "auto" else recipe.rank_policy
     if method.fixed_rank and policy != method.fixed_rank:
         raise RecipeError(f"method '{method.name}' keeps rank {method.fixed_rank.describe()}; "
