@@ -1,0 +1,1 @@
+"""Data-informed merging: the data reader, calibration statistics, scoring and the tuner."""
