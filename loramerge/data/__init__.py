@@ -1,1 +1,1 @@
-"""Data-informed merging: the data reader, calibration statistics, scoring and the tuner."""
+"""Data for the data-informed methods: the one example reader, calibration statistics, tuning."""
