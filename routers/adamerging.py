@@ -15,6 +15,7 @@ coefficients are recorded in the adapter's loramerge.json (the recipe's paramete
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -251,5 +252,23 @@ def export_static(adapters: Sequence[str | Path], names: Sequence[str], result: 
     return merge(adamerging_recipe(adapters, names, result, **options), output, force=force)
 
 
+def tune_preparer(**options: Any):
+    """A ``loramerge.data.tune`` preparer: learn the coefficients once on the validation prompts.
+
+    ``options`` go to ``learn_coefficients`` (objective, steps, lr, ...); they are part of the cache key.
+    """
+
+    def prepare(ctx) -> dict[str, Any]:
+        result = learn_coefficients(ctx.model, ctx.tokenizer, ctx.adapters, ctx.tasks, names=ctx.names,
+                                    seed=ctx.seed, show_progress=ctx.show_progress, **options)
+        log.info("adamerging: held-out objective %.4f -> %.4f in %.1fs", result.initial_heldout,
+                 result.best_heldout, result.seconds)
+        return result.parameters()
+
+    prepare.key = json.dumps(options, sort_keys=True, default=str)  # type: ignore[attr-defined]
+    return prepare
+
+
 __all__ = ["AdaMergingResult", "CoefficientGate", "adamerging_recipe", "coefficient_table", "export_static",
-           "gate_with", "group_rows", "install_coefficients", "learn_coefficients"]
+           "gate_with", "group_rows", "install_coefficients", "learn_coefficients",
+           "tune_preparer"]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramerge.core.adapter import LoraFactors
+from loramerge.data.examples import ChoiceExample, Example, TextExample
 
 log = logging.getLogger("loramerge.data.scoring")
 Position = Literal["last", "all"]
@@ -223,6 +224,18 @@ class ValidationTask:
     """The prompts (choice) or the texts (text)."""
     options: tuple[tuple[str, ...], ...] = ()
     labels: tuple[int, ...] = ()
+    contexts: tuple[str, ...] = ()
+    """Text tasks only: an unscored prompt before each text ({"input", "output"} lines), or empty."""
+
+    @classmethod
+    def from_examples(cls, name: str, examples: Sequence[Example]) -> ValidationTask:
+        """From the shared reader's records (``loramerge.data.examples``) of one task."""
+        if examples and all(isinstance(e, ChoiceExample) for e in examples):
+            return cls(name, "choice", tuple(e.prompt for e in examples), tuple(e.options for e in examples),
+                       tuple(e.label for e in examples))
+        texts = [e for e in examples if isinstance(e, TextExample)]
+        contexts = tuple(e.prompt for e in texts) if any(e.prompt for e in texts) else ()
+        return cls(name, "text", tuple(e.text for e in texts), contexts=contexts)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -230,11 +243,16 @@ class ValidationTask:
     def take(self, index: Sequence[int]) -> ValidationTask:
         pick = list(index)
         if self.kind == "text":
-            return ValidationTask(self.name, "text", tuple(self.inputs[i] for i in pick))
+            return ValidationTask(self.name, "text", tuple(self.inputs[i] for i in pick),
+                                  contexts=tuple(self.contexts[i] for i in pick) if self.contexts else ())
         return ValidationTask(self.name, "choice", tuple(self.inputs[i] for i in pick),
                               tuple(self.options[i] for i in pick), tuple(self.labels[i] for i in pick))
 
     def encode(self, tokenizer, max_length: int | None = None) -> EncodedTask:
+        if self.kind == "text" and self.contexts:
+            scored = encode_choices(tokenizer, self.contexts, [(t,) for t in self.inputs], max_length)
+            full = encode_texts(tokenizer, [c + t for c, t in zip(self.contexts, self.inputs)], max_length)
+            return EncodedTask(self, scored, full)
         if self.kind == "text":
             scored = encode_texts(tokenizer, self.inputs, max_length)
             return EncodedTask(self, scored, scored)
