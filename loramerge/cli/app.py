@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from loramerge.cli.common import console, err_console, fail
-from loramerge.errors import LoramergeError
+from loramerge.cli.options import check_device, check_writable_file, parse_method_params, parse_rank, parse_weights
+from loramerge.errors import LoramergeError, OutputError
 
 app = typer.Typer(
     name="loramerge", no_args_is_help=True, add_completion=False,
@@ -71,15 +72,13 @@ def merge(
     from loramerge.merging.recipe import load_recipe, parse_recipe
 
     try:
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LoramergeError("--device cuda asked for, but no CUDA device is available", fix="use --device cpu")
+        check_device(device)
+        rank_value = parse_rank(rank)
+        check_writable_file(report, "--report")
         parsed = load_recipe(recipe)
         overrides: dict = {}
         if rank is not None:
-            overrides["rank"] = {"energy": float(rank.split(":", 1)[1])} if rank.startswith("energy:") else rank
+            overrides["rank"] = rank_value
         if dtype is not None:
             overrides["dtype"] = dtype
         if seed is not None:
@@ -99,7 +98,11 @@ def merge(
         f"total rank {result.total_rank}, max rel. error {result.max_rel_error:.2e})"
     )
     if report is not None:
-        report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        try:
+            report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        except OSError as exc:
+            fail(OutputError(f"the adapter was written to {result.output}, but not the report: {exc}",
+                             path=str(report), fix="the adapter is complete; rerun with a writable --report path"))
 
 
 @app.command()
@@ -200,10 +203,10 @@ def compare(
     )
 
     try:
-        per_method = json.loads(params) if params else {}
-        runs = [(m.strip(), {"rank": rank, "parameters": per_method.get(m.strip(), {})})
+        per_method = parse_method_params(params)
+        runs = [(m.strip(), {"rank": parse_rank(rank), "parameters": per_method.get(m.strip(), {})})
                 for m in methods_.split(",") if m.strip()]
-        w = [float(x) for x in weights.split(",")] if weights else None
+        w = parse_weights(weights, len(adapters))
         evaluator = None
         if (base is None) != (data is None):
             raise LoramergeError("--base and --data go together", fix="give both, or neither")
