@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from loramerge.errors import RecipeError
+from loramerge.errors import OutputError, RecipeError
 
 
 @dataclass
@@ -106,16 +106,24 @@ def compare_methods(
     *,
     evaluator: LossEvaluator | None = None,
     weights: list[float] | None = None,
+    force: bool = False,
 ) -> list[CompareRow]:
-    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result."""
+    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result.
+
+    Files already in ``workdir`` (an earlier comparison's adapters, its plot) are replaced only with ``force``;
+    that is checked for every run before the first merge."""
     from loramerge.merging.engine import merge
 
+    outs = [Path(workdir) / _dirname(run_label(method, options)) for method, options in runs]
+    taken = [p for p in [*outs, Path(workdir) / "comparison.png"] if p.exists()]
+    if taken and not force:
+        raise OutputError(f"the work directory already holds {', '.join(p.name for p in taken)}", path=str(workdir),
+                          fix="choose a new --output directory, or pass --force (force=True) to replace them")
     rows = []
-    for method, options in runs:
+    for (method, options), out in zip(runs, outs):
         label = run_label(method, options)
-        out = Path(workdir) / _dirname(label)
         started = time.perf_counter()
-        result = merge(adapters=adapters, method=method, weights=weights, output=out, force=True, **options)
+        result = merge(adapters=adapters, method=method, weights=weights, output=out, force=force, **options)
         row = CompareRow(label=label, total_rank=result.total_rank, max_rel_error=result.max_rel_error,
                          seconds=time.perf_counter() - started, output=out,
                          kib=(out / "adapter_model.safetensors").stat().st_size / 1024)

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramerge.cli.common import console, err_console, fail
+from loramerge.cli.common import console, err_console, fail, json_safe
 from loramerge.cli.options import check_device, check_writable_file, parse_method_params, parse_rank, parse_weights
 from loramerge.errors import LoramergeError, OutputError
 
@@ -124,7 +124,9 @@ def inspect(
         fail(exc)
         return
     if as_json:
-        print(json.dumps({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, indent=2))
+        non_finite: list[str] = []  # NaN/Inf statistics become null, and their JSON paths are listed
+        body = json_safe({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, non_finite)
+        print(json.dumps({**body, "non_finite": non_finite}, indent=2, allow_nan=False))
         return
     table = Table(title="adapters")
     for col in ("name", "base model", "r", "alpha", "rsLoRA", "modules", "total rank", "params", "dtype",
@@ -191,6 +193,7 @@ def compare(
     params: str | None = typer.Option(None, help='Per-method parameters as JSON: {"ties": {"density": 0.3}}.'),
     base: Path | None = typer.Option(None, help="Base model directory, to also measure task loss."),
     data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} lines for the task loss (needs --base).'),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier comparison's files in --output."),
 ) -> None:
     """Merge the same adapters with several methods and compare rank, size, error, time (and task loss)."""
     from loramerge.analysis.compare import (
@@ -214,7 +217,7 @@ def compare(
         if base is not None and data is not None:
             evaluator = LossEvaluator(base, load_task_texts(data))
             rows.append(CompareRow("base model (no adapter)", losses=evaluator(None), reference=True))
-        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w)
+        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w, force=force)
     except (ValueError, json.JSONDecodeError) as exc:
         fail(LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help"))
         return
