@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import typer
@@ -283,12 +282,15 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+def run_app() -> None:
+    app()
+
+
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]: nothing was written at the output path")
-        sys.exit(130)
+    """Kept for ``python -m loramerge.cli.app``; the console script is ``loramerge.cli.entry:main``."""
+    from loramerge.cli.entry import main as entry_main
+
+    entry_main()
 
 
 if __name__ == "__main__":

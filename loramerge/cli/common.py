@@ -15,7 +15,11 @@ err_console = Console(stderr=True)
 
 
 def fail(exc: LoramergeError) -> None:
-    """Print a user-facing error and exit with its class's code."""
+    """Print a user-facing error and exit with its class's code (an error caused by Ctrl-C is the interruption)."""
+    from loramerge.cli.entry import exit_interrupted, interrupted
+
+    if interrupted():
+        exit_interrupted()
     err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
     raise typer.Exit(code=exc.exit_code)
 
