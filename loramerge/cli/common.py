@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import typer
 from rich.console import Console
 
@@ -11,7 +13,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(exc: LoramergeError) -> None:
-    """Print a user-facing error and exit with its class's code."""
+def fail(exc: LoramergeError) -> NoReturn:
+    """Print a user-facing error (message, file, module, fix) and exit with its class's code."""
     err_console.print(f"[bold red]error ({type(exc).__name__}):[/] {exc.render()}", highlight=False)
     raise typer.Exit(code=exc.exit_code)
