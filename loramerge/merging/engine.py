@@ -89,12 +89,19 @@ class MergedModule:
 
 def module_inputs(adapters: AdapterSet, plan: MergePlan, name: str, *, device: str | torch.device = "cpu",
                   context: Any = None) -> ModuleInputs:
-    """What the method sees for module ``name``: the factors of the adapters that have it."""
-    present = adapters.present(name)
+    """What the method sees for module ``name``: every adapter's factors, in the set's order.
+
+    An adapter that lacks the module is a ZERO task vector there (model-soup semantics), given to the
+    method as rank-0 factors, so that normalising methods (average, ``normalize: true``, STAR, LEGO's norm)
+    divide by all the weights, not only by the weights of the adapters that have the module.
+    """
+    present = set(adapters.present(name))
+    loaded = {i: adapters[i].factors(name, device=device) for i in sorted(present)}
+    first = next(iter(loaded.values()))
+    absent = LoraFactors(A=first.A.new_zeros(0, first.d_in), B=first.B.new_zeros(first.d_out, 0), kind=first.kind)
     return ModuleInputs(
-        name=name, factors=tuple(adapters[i].factors(name, device=device) for i in present),
-        weights=tuple(plan.weights[i] for i in present),
-        adapter_names=tuple(adapters[i].name for i in present), seed=plan.seed, context=context,
+        name=name, factors=tuple(loaded.get(i, absent) for i in range(len(adapters))),
+        weights=tuple(plan.weights), adapter_names=tuple(a.name for a in adapters), seed=plan.seed, context=context,
     )
 
 
