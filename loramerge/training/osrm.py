@@ -4,7 +4,7 @@ Zhang & Zhou, "Unraveling LoRA Interference: Orthogonal Subspaces for Robust Mod
 arXiv 2505.22934). In a merged model adapter 2 adds ``B_2 A_2 h_1`` on task 1's features ``h_1``; OSRM picks
 each module's ``A`` (r x d_in, orthonormal rows) so that ``A h`` is small for inputs ``h`` of the *other* tasks.
 
-Two forms (design/methods-lora.md, section 2):
+Two forms (the paper and its reference code differ; docs/ARCHITECTURE.md lists such choices):
 
 - ``mode="covariance"`` (the paper, default): minimise ``||A H^T||_F^2`` subject to ``A A^T = I``, where H stacks
   the target module's input features over the other tasks' (non-padding) tokens. The rows of A are the
