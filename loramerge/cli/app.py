@@ -33,6 +33,10 @@ LAZY_VERBS: dict[str, LazyVerb] = {
     "osrm": LazyVerb("loramerge.cli.training:osrm_app",
                      "OSRM: initialise LoRA A orthogonal to the other tasks' inputs."),
     "lori": LazyVerb("loramerge.cli.training:lori_app", "LoRI: frozen random A, sparse B masks and checks."),
+    "tune": LazyVerb("loramerge.cli.tune:tune_command",
+                     "Search method, parameters and weights on validation data; write the best merge."),
+    "adamerging": LazyVerb("loramerge.cli.tune:adamerging_command",
+                           "AdaMerging: learn task- and layer-wise coefficients on prompts."),
 }
 
 

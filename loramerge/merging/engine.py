@@ -24,6 +24,7 @@ from loramerge.errors import NumericalError, RecipeError
 from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
 from loramerge.merging.methods.catalog import FACTORWISE_METHODS
+from loramerge.merging.methods.core_space import method_function
 from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
@@ -48,10 +49,13 @@ class MergePlan:
     policy: RankPolicy
     factorwise: bool = False
     seed: int = 0
+    space: str = "dense"
+    """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
 
     @classmethod
     def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
-              rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0) -> MergePlan:
+              rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0,
+              space: str = "dense") -> MergePlan:
         """Resolve ``method`` in the registry, validate its parameters and the rank policy."""
         entry = get_method(method)
         try:
@@ -62,6 +66,7 @@ class MergePlan:
         if factorwise and entry.factorwise is None:
             raise RecipeError(f"method '{entry.name}' has no factorwise (PEFT) variant",
                               fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
+        method_function(entry, space, factorwise=factorwise)  # refuses a space the method does not support
         policy = RankPolicy.parse(rank)
         if entry.fixed_rank is not None:
             if policy.kind == "auto":
@@ -71,12 +76,13 @@ class MergePlan:
                                   f"it cannot use rank {policy.describe()}",
                                   fix="drop the rank key, or use task_arithmetic with a rank policy")
         return cls(method=entry, config=config, weights=tuple(float(w) for w in weights), policy=policy,
-                   factorwise=factorwise, seed=seed)
+                   factorwise=factorwise, seed=seed, space=space)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> MergePlan:
         return cls.build(recipe.method, [e.weight for e in recipe.adapters], parameters=recipe.parameters,
-                         rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed)
+                         rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed,
+                         space=recipe.space)
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,7 @@ def merge_modules(
     if len(plan.weights) != len(adapters):
         raise RecipeError(f"{len(plan.weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
     method = plan.method
-    fn = method.factorwise if plan.factorwise else method.fn
-    assert fn is not None
+    fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
     context = None
     if method.prepare is not None and not plan.factorwise:

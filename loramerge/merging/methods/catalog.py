@@ -129,6 +129,13 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         paper="Model merging with SVD to tie the KnOTS (Stoica et al., ICLR 2025)", url="https://arxiv.org/abs/2410.19735",
         summary="joint SVD of the module's adapters, then TIES / DARE / task arithmetic on the aligned coordinates",
     ),
+    _builtin(
+        "adamerging", "adamerging", "AdaMergingConfig",
+        name="adamerging", kind="factored", exact=True, data="prompts",
+        paper="AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024)",
+        url="https://arxiv.org/abs/2310.02575",
+        summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
+    ),
 )
 
 
