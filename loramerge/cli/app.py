@@ -241,7 +241,8 @@ def method_details(name: str) -> list[str]:
         lines.append("    (none)")
     for field_name, f in fields.items():
         key = f.alias or field_name
-        lines.append(f"    {key} = {f.default!r}" + (f"  ({f.description})" if f.description else ""))
+        value = "(required)" if f.is_required() else repr(f.default)
+        lines.append(f"    {key} = {value}" + (f"  ({f.description})" if f.description else ""))
     return lines
 
 

@@ -130,4 +130,5 @@ class MergeMethod:
 
     def parameters(self) -> dict[str, Any]:
         """Parameter name -> default (imports the method's module)."""
-        return {name: f.default for name, f in resolve(self.config_cls).model_fields.items()}
+        return {name: "(required)" if f.is_required() else f.default
+                for name, f in resolve(self.config_cls).model_fields.items()}
