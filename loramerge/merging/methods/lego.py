@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from loramerge.core.ops import generator_for
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
 _WORK = torch.float64
 
@@ -218,14 +218,3 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
         scale *= target / current if current > 0 else 0.0
     out_dtype = inputs.factors[0].B.dtype
     return Factored(B=(B * scale).to(out_dtype), A=A.to(out_dtype))
-
-
-LORA_LEGO = MergeMethod(
-    name="lora_lego", config_cls=LegoConfig, fn=lora_lego, kind="factored", exact=False,
-    paper="Merging LoRAs like Playing LEGO: Pushing the Modularity of LoRA to Extremes Through Rank-Wise "
-    "Clustering (Zhao et al., ICLR 2025)",
-    url="https://arxiv.org/abs/2409.16167",
-    summary="k-means (k-means++, seeded) over the gauge-canonical rank units of all adapters; "
-    "cluster centroids form a rank-k LoRA, with parameter and output reweighting",
-    aliases=("lego",),
-)
