@@ -26,7 +26,9 @@ from typing import Any
 
 from loramerge.errors import LoramergeError
 
-from .compose import AdapterCatalog, Composer, CompositionError, UnknownAdapterError
+from .catalog import AdapterCatalog
+from .composer import Composer
+from .errors import CompositionError, UnknownAdapterError
 
 log = logging.getLogger("loramerge.serving.resolver")
 

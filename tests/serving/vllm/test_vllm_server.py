@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from loramerge.serving.background import BackgroundServer
-from loramerge.serving.compose import AdapterCatalog, Composer
-from loramerge.serving.engine import AsyncVLLMEngine, VLLMSettings
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
 from loramerge.serving.server import create_app
+from loramerge.serving.vllm_engine import AsyncVLLMEngine, VLLMSettings
 
 MODELS = ["tiny", "code", "mix:code=0.7,math=0.3", "math", "tiny", "mix:chat=2,math=-1;method=average", "chat",
           "mix:code=1,wide=1", "auto"]

