@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from loramerge.core.adapter_set import AdapterSet
 from loramerge.errors import RecipeError
+from loramerge.merging.engine import run_merge
+from loramerge.merging.recipe import parse_recipe
 
 
 @dataclass
@@ -107,15 +110,23 @@ def compare_methods(
     evaluator: LossEvaluator | None = None,
     weights: list[float] | None = None,
 ) -> list[CompareRow]:
-    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result."""
-    from loramerge.merging.engine import merge
+    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result.
 
+    The adapters are opened and checked once (one AdapterSet) and every run goes through the one engine.
+    """
+    if weights is not None and len(weights) != len(adapters):
+        raise RecipeError(f"{len(weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
+    opened = AdapterSet.open(list(adapters))
+    entries = [{"path": str(a.source.local_path), "name": a.name, "weight": 1.0 if weights is None else weights[i]}
+               for i, a in enumerate(opened)]
     rows = []
     for method, options in runs:
         label = run_label(method, options)
         out = Path(workdir) / _dirname(label)
         started = time.perf_counter()
-        result = merge(adapters=adapters, method=method, weights=weights, output=out, force=True, **options)
+        recipe = parse_recipe({"method": method, "adapters": entries, **options}, source=f"compare run '{label}'")
+        result = run_merge(recipe, adapters=opened, show_progress=False)
+        result.save(out, force=True)
         row = CompareRow(label=label, total_rank=result.total_rank, max_rel_error=result.max_rel_error,
                          seconds=time.perf_counter() - started, output=out,
                          kib=(out / "adapter_model.safetensors").stat().st_size / 1024)

@@ -76,6 +76,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _method_and_parameters(self) -> Recipe:
         from loramerge.merging.methods import get_method
+        from loramerge.merging.methods.factorwise import FACTORWISE_METHODS
 
         method = get_method(self.method)
         try:
@@ -86,7 +87,7 @@ class Recipe(BaseModel):
                               fix="`loramerge methods` lists each method's parameters and defaults") from exc
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
-                              fix="factorwise works with task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune")
+                              fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
         return self
 
     @property

@@ -18,6 +18,9 @@ import torch
 from loramerge.core.ops import bernoulli_mask, generator_for, magnitude_mask
 from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
+FACTORWISE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""The methods with a PEFT factor-wise variant (``factorwise: true``): the one list."""
+
 Combine = Callable[[list[torch.Tensor], list[float], torch.Generator], torch.Tensor]
 
 
