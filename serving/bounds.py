@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CompositionError
+from loramerge.core.names import MAX_NAME_LENGTH, NAME_PATTERN
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-"""Adapter and bundle names: plain identifiers, never paths."""
-TASK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-"""Task names inside a bundle: what ``twin`` and ``basis`` accept when they build one (``c++`` included)."""
+from .errors import CompositionError
 
 
 @dataclass(frozen=True)
@@ -21,7 +17,7 @@ class Bounds:
 
     max_adapters_per_mix: int = 8
     max_abs_weight: float = 8.0
-    max_name_length: int = 64
+    max_name_length: int = MAX_NAME_LENGTH
     max_model_field_chars: int = 1024
     max_prompt_chars: int = 32_768
     max_prompt_tokens: int = 4096
@@ -39,10 +35,9 @@ class Bounds:
         if len(name) > self.max_name_length:
             raise CompositionError(f"{what} name longer than {self.max_name_length} characters",
                                    fix="use a shorter name")
-        pattern, allowed = (TASK_PATTERN, "[A-Za-z0-9._+-]") if what == "task" else (NAME_PATTERN, "[A-Za-z0-9._-]")
-        if not pattern.match(name):
+        if not NAME_PATTERN.match(name):  # the project's one name rule (loramerge.core.names): 'c++' is a name
             raise CompositionError(
-                f"{what} name {name[:80]!r} has characters outside {allowed} or does not start with a letter/digit",
+                f"{what} name {name[:80]!r} has characters outside [A-Za-z0-9._+-] or does not start with a letter/digit",
                 fix="adapter names are plain identifiers such as 'code' or 'math-v2', never paths",
             )
         return name
@@ -71,4 +66,4 @@ class Bounds:
         return round(round(weight / q) * q, 12)
 
 
-__all__ = ["NAME_PATTERN", "TASK_PATTERN", "Bounds"]
+__all__ = ["NAME_PATTERN", "Bounds"]

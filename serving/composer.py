@@ -1,9 +1,10 @@
 """The composer: resolve a request's spec to a canonical composition and build its adapter once.
 
-A mix is composed by the merge engine (``loramerge.merging.engine``: the same driver, checks and
-config rules as ``loramerge merge``, so ``fan_in_fan_out`` and ``layers_to_transform`` adapters come out
-as PEFT composes them), exactly (an exact factored method: the concatenation), and truncated by the
-factored SVD only when its rank exceeds the engine's ``max_lora_rank`` (the result says so). Built
+A mix is composed by the merge engine (``merge_modules`` over an ``AdapterSet``: the same driver,
+checks, rank policy and config rules as ``loramerge merge``, so ``fan_in_fan_out`` and
+``layers_to_transform`` adapters come out as PEFT composes them), exactly (an exact factored method: the
+concatenation), and truncated by the factored SVD only when its rank exceeds the engine's
+``max_lora_rank`` (the result says so). Built
 adapters live in a content-addressed :class:`~loramerge.serving.cache.CompositionStore` that several
 server processes may share. No vLLM import here.
 """
@@ -24,11 +25,11 @@ from typing import Any, Protocol
 
 import torch
 
+from loramerge.core.adapter_set import AdapterSet
 from loramerge.core.factored import RankPolicy, compress_factored
 from loramerge.errors import LoramergeError, NumericalError
 from loramerge.io.writer import OutputModule, build_lora_config, write_adapter
-from loramerge.merging.engine import run_merge
-from loramerge.merging.recipe import Recipe
+from loramerge.merging.engine import MergePlan, merge_modules
 
 from .bundles import BundleExtractor, default_bundle_extractors
 from .cache import MANIFEST, ComposedAdapter, CompositionCache, CompositionStore
@@ -86,10 +87,8 @@ class _Modules:
     modules: list[OutputModule]
     config: dict
     dtype: torch.dtype
-
-    @property
-    def rank(self) -> int:
-        return max(m.rank for m in self.modules)
+    source_rank: int
+    """The rank before truncation (the concatenation's)."""
 
 
 def default_device() -> str:
@@ -296,15 +295,11 @@ class Composer:
         dirname = key[:32]
         found = self.store.manifest(dirname, key)
         if found is None:
-            composed = self._compose(composition)
-            out_modules, errors = self._fit_rank(composed.modules)
-            cfg = composed.config
-            config = build_lora_config(out_modules, base_model=cfg["base_model_name_or_path"],
-                                       target_modules=cfg["target_modules"], task_type=cfg["task_type"],
-                                       fan_in_fan_out=cfg["fan_in_fan_out"])
+            composed, errors = self._compose(composition)
+            out_modules, config = composed.modules, composed.config
             manifest = {"composition": composition.label, "key": key, "adapters": dict(composition.terms),
                         "method": composition.method, "max_rank": self.max_rank,
-                        "rank": max(m.rank for m in out_modules), "source_rank": composed.rank,
+                        "rank": max(m.rank for m in out_modules), "source_rank": composed.source_rank,
                         "max_rel_error": max(errors, default=0.0)}
 
             def write(path: Path) -> None:
@@ -321,21 +316,23 @@ class Composer:
                                source_rank=found["source_rank"], truncated=found["rank"] < found["source_rank"],
                                max_rel_error=found["max_rel_error"]), shared
 
-    def _compose(self, composition: Composition) -> _Modules:
-        """Exact composition (before any truncation), through the merge engine."""
+    def _compose(self, composition: Composition) -> tuple[_Modules, list[float]]:
+        """The composition's modules at most ``max_rank`` and each module's truncation error.
+
+        A mix goes through the merge engine (``merge_modules`` over an ``AdapterSet``: the checks, rank
+        policy and PEFT config rules of ``loramerge merge``); a bundle task is truncated the same way.
+        """
         if composition.kind == "bundle":
-            return self._bundle_modules(composition)
-        adapters = [self.catalog.adapter(n) for n, _ in composition.terms]  # validated once each
-        try:
-            recipe = Recipe(method=composition.method, rank="exact", parameters=dict(composition.parameters),
-                            adapters=[{"path": str(a.source.local_path), "name": a.name, "weight": w}
-                                      for a, (_, w) in zip(adapters, composition.terms, strict=True)])
-        except ValueError as exc:  # pydantic ValidationError: a bad request parameter
-            raise CompositionError(f"bad parameters for method '{composition.method}': {exc}") from None
-        result = run_merge(recipe, device=self.device, show_progress=False, adapters=adapters)
-        config = dict(result.config)
-        config["base_model_name_or_path"] = self.base_model or config["base_model_name_or_path"]
-        return _Modules(result.modules, config, result.dtype)
+            return self._fit_rank(self._bundle_modules(composition))
+        adapters = AdapterSet.of([self.catalog.adapter(n) for n, _ in composition.terms])  # each validated once
+        plan = MergePlan.build(composition.method, [w for _, w in composition.terms],
+                               parameters=dict(composition.parameters),
+                               rank=RankPolicy("fixed", k=self.max_rank) if self.max_rank else "exact")
+        merged = list(merge_modules(adapters, plan, device=self.device))
+        modules = [m.module for m in merged]
+        config = adapters.lora_config(modules, base_model=self.base_model)
+        source_rank = max(sum(m.report.input_ranks) for m in merged)
+        return _Modules(modules, config, adapters.dtype, source_rank), [m.report.rel_error for m in merged]
 
     def _bundle_modules(self, composition: Composition) -> _Modules:
         kind, name, task = composition.bundle  # type: ignore[misc]
@@ -356,20 +353,20 @@ class Composer:
             if not (torch.isfinite(m.A).all() and torch.isfinite(m.B).all()):
                 raise NumericalError(f"bundle '{name}' task '{task}' holds NaN or Inf values", path=str(path),
                                      module=m.name, fix="rebuild the bundle from clean adapters")
-        config = build_lora_config(modules, base_model=self.base_model, target_modules=sorted(m.name for m in modules))
-        return _Modules(modules, config, torch.float32)
+        return _Modules(modules, {}, torch.float32, max(m.rank for m in modules))
 
-    def _fit_rank(self, modules: list[OutputModule]) -> tuple[list[OutputModule], list[float]]:
-        """Truncate modules above ``max_rank`` by the factored SVD; report each relative error."""
+    def _fit_rank(self, composed: _Modules) -> tuple[_Modules, list[float]]:
+        """A bundle task at most ``max_rank`` (the engine's rank policy: the factored SVD); each error."""
         out, errors = [], []
-        for m in modules:
+        for m in composed.modules:
             if self.max_rank is not None and m.rank > self.max_rank:
                 c = compress_factored(m.B, m.A, RankPolicy("fixed", k=self.max_rank), [m.rank])
                 out.append(OutputModule(name=m.name, kind=m.kind, A=c.A.cpu(), B=c.B.cpu()))
                 errors.append(c.rel_error)
             else:
                 out.append(OutputModule(name=m.name, kind=m.kind, A=m.A.cpu(), B=m.B.cpu()))
-        return out, errors
+        config = build_lora_config(out, base_model=self.base_model, target_modules=sorted(m.name for m in out))
+        return _Modules(out, config, composed.dtype, composed.source_rank), errors
 
     # -- the zero adapter (vLLM CPU base-row workaround)
 
