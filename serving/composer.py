@@ -27,7 +27,7 @@ import torch
 
 from loramerge.core.adapter_set import AdapterSet
 from loramerge.core.factored import RankPolicy, compress_factored
-from loramerge.errors import LoramergeError, NumericalError
+from loramerge.errors import IncompatibleAdaptersError, LoramergeError, NumericalError
 from loramerge.io.writer import OutputModule, build_lora_config, write_adapter
 from loramerge.merging.engine import MergePlan, merge_modules
 
@@ -324,7 +324,14 @@ class Composer:
         """
         if composition.kind == "bundle":
             return self._fit_rank(self._bundle_modules(composition))
-        adapters = AdapterSet.of([self.catalog.adapter(n) for n, _ in composition.terms])  # each validated once
+        opened = [self.catalog.adapter(n) for n, _ in composition.terms]  # each validated once, when first used
+        try:
+            adapters = AdapterSet.of(opened)  # merge's checks: one base model, agreeing shapes
+        except IncompatibleAdaptersError as exc:
+            raise IncompatibleAdaptersError(
+                exc.message, path=exc.path, module=exc.module,
+                fix="mix adapters trained on one base model; serve the others alone, or pre-merge them with "
+                "`loramerge merge` and a recipe that sets base_model") from None
         plan = MergePlan.build(composition.method, [w for _, w in composition.terms],
                                parameters=dict(composition.parameters),
                                rank=RankPolicy("fixed", k=self.max_rank) if self.max_rank else "exact")
