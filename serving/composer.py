@@ -101,7 +101,8 @@ class Composer:
     ``max_rank``: the engine's ``max_lora_rank``; larger compositions are truncated by the factored
     SVD (QR + small SVD, never d_out x d_in) and reported. ``device``: where the composition and SVD
     run (``cuda`` when available). ``cache_dir``: where composed adapters are written (default: a
-    temporary directory removed by :meth:`close`); several processes may share one. Thread-safe;
+    temporary directory removed by :meth:`close`); several processes may share one, and what is in it
+    outlives the process (bounded by each process's LRU while it runs). Thread-safe;
     concurrent requests for one key build it once.
     """
 
@@ -414,10 +415,12 @@ class Composer:
         return zero
 
     def close(self) -> None:
-        """Delete the directories this composer wrote (its own temporary cache directory included)."""
-        self.cache.clear()
-        if self._own_dir and self._store is not None:
-            shutil.rmtree(self._store.root, ignore_errors=True)
+        """Delete this composer's temporary cache directory. A ``cache_dir`` given by the caller is a shared,
+        content-addressed cache: its compositions stay for other processes and later runs."""
+        if self._own_dir:
+            self.cache.clear()
+            if self._store is not None:
+                shutil.rmtree(self._store.root, ignore_errors=True)
 
 
 def _tree_digest(path: Path, limit: int = 256) -> str:
