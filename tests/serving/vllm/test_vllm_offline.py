@@ -83,3 +83,22 @@ def test_base_rows_are_wrong_without_the_workaround(engine, oracle, prompts):
     for i, out in enumerate(fixed):
         if i % 2 == 0:
             assert out.token_ids == oracle.greedy(None, out.prompt_token_ids, GREEDY.max_tokens)
+
+
+def test_offline_streaming_is_token_by_token(engine, prompts):
+    """One event per sampled token (the offline engine is stepped), equal to the batch generation."""
+    import asyncio
+
+    async def collect(model):
+        composition, events = await engine.astream(GenerationRequest(prompts[0], model, GREEDY))
+        return composition, [event async for event in events]
+
+    for model in ("mix:code=0.7,math=0.3", "base"):
+        composition, events = asyncio.run(collect(model))
+        assert [len(e.token_ids) for e in events] == [1] * GREEDY.max_tokens, model
+        assert [e.finish_reason for e in events] == [None] * (GREEDY.max_tokens - 1) + ["length"]
+        want = engine.generate([GenerationRequest(prompts[0], model, GREEDY)])[0]
+        assert [e.token_ids[0] for e in events] == want.token_ids
+        assert "".join(e.text for e in events) == want.text
+        assert composition["label"] == ("base" if model == "base" else model)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
