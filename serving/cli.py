@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from loramerge.errors import BaseModelError, LoramergeError, RecipeError
+from loramerge.errors import BaseModelError, LoramergeError, OptionError, RecipeError
 
 app = typer.Typer(help="Serve LoRA adapters with per-request composition (OpenAI-compatible).",
                   no_args_is_help=True, add_completion=False)
@@ -58,12 +58,6 @@ def check_base_model(base: str) -> None:
         return
     raise BaseModelError("the base model does not exist", path=str(path),
                          fix="pass --base an existing model directory (or a hub id such as org/name)")
-
-
-def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
-    if value not in choices:
-        raise RecipeError(f"{option} '{value}' is not one of {', '.join(choices)}", fix=f"pass {option} {choices[0]}")
-    return value
 
 
 def load_router(path: Path, base: str | None = None) -> Any:
@@ -113,7 +107,7 @@ def build_engine(
 
     backend = resolve_backend(backend)
     if engine_args and backend != "vllm":
-        raise RecipeError("engine options apply to the vLLM backend only",
+        raise OptionError("engine options apply to the vLLM backend only",
                           fix="drop --engine-arg (and what follows --), or pass --backend vllm")
     bounds = Bounds(max_body_bytes=max_body_bytes) if max_body_bytes else Bounds()
     catalog = AdapterCatalog(adapters, roots, bounds=bounds)
@@ -179,6 +173,7 @@ def serve(
 ) -> None:
     """Start the server. ``model`` in a request: an adapter name, ``mix:a=0.7,b=0.3``, ``basis:DIR/task`` or ``auto``."""
     from loramerge.cli.common import fail
+    from loramerge.cli.options import check_choice
 
     try:
         import uvicorn

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loramerge.errors import RecipeError
+from loramerge.errors import OptionError
 
 from .cache import ComposedAdapter
 from .catalog import BaseModules
@@ -90,7 +90,7 @@ def parse_engine_args(items: Sequence[str] = (), forwarded: Sequence[str] = ()) 
     """vLLM engine arguments from ``KEY=VALUE`` items and raw forwarded options, checked by vLLM's own parser.
 
     Returns only what differs from vLLM's defaults, as ``AsyncEngineArgs`` keyword arguments. Unknown
-    names, bad values and arguments loramerge manages raise RecipeError naming the option and the fix.
+    names, bad values and arguments loramerge manages raise OptionError naming the option and the fix.
     """
     import argparse
     import contextlib
@@ -99,7 +99,7 @@ def parse_engine_args(items: Sequence[str] = (), forwarded: Sequence[str] = ()) 
     try:
         _require_vllm()
     except ImportError as exc:
-        raise RecipeError("engine options are vLLM's, and vLLM is not installed", fix=str(exc)) from None
+        raise OptionError("engine options are vLLM's, and vLLM is not installed", fix=str(exc)) from None
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -110,13 +110,13 @@ def parse_engine_args(items: Sequence[str] = (), forwarded: Sequence[str] = ()) 
         key, eq, value = item.partition("=")
         dest = key.strip().lstrip("-").replace("-", "_")
         if not eq or not dest:
-            raise RecipeError(f"cannot read --engine-arg '{item}'", fix="write --engine-arg KEY=VALUE, e.g. "
+            raise OptionError(f"cannot read --engine-arg '{item}'", fix="write --engine-arg KEY=VALUE, e.g. "
                               "tensor_parallel_size=2")
         action = flags.get(dest)
         flag = "--" + dest.replace("_", "-")
         if (action is not None and action.nargs == 0) or isinstance(action, argparse.BooleanOptionalAction):
             if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise RecipeError(f"engine option '{dest}' is a switch; '{value}' is not true or false",
+                raise OptionError(f"engine option '{dest}' is a switch; '{value}' is not true or false",
                                   fix=f"write --engine-arg {dest}=true")
             on = value.strip().lower() in ("true", "1", "yes")
             argv.append(flag if on else "--no-" + dest.replace("_", "-"))
@@ -132,13 +132,13 @@ def parse_engine_args(items: Sequence[str] = (), forwarded: Sequence[str] = ()) 
     except (SystemExit, argparse.ArgumentError, ValueError, TypeError) as exc:
         said = errors.getvalue().strip().splitlines()
         reason = said[-1] if said else str(exc)
-        raise RecipeError(f"vLLM refused the engine options {' '.join(argv)!r}: {reason}", fix=fix) from None
+        raise OptionError(f"vLLM refused the engine options {' '.join(argv)!r}: {reason}", fix=fix) from None
     if unknown:
-        raise RecipeError(f"vLLM has no engine option '{unknown[0]}'", fix=fix)
+        raise OptionError(f"vLLM has no engine option '{unknown[0]}'", fix=fix)
     chosen = {k: v for k, v in vars(given).items() if v != getattr(defaults, k, None)}
     for key in sorted(set(chosen) & set(MANAGED_ENGINE_ARGS)):
         option = MANAGED_ENGINE_ARGS[key]
-        raise RecipeError(f"engine option '{key}' is set by loramerge serve",
+        raise OptionError(f"engine option '{key}' is set by loramerge serve",
                           fix=f"use {option}" if option else "loramerge always enables LoRA")
     return chosen
 

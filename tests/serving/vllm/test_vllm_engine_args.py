@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loramerge.cli.app import app
-from loramerge.errors import RecipeError
+from loramerge.errors import OptionError
 from loramerge.serving.vllm_engine import parse_engine_args
 
 
@@ -26,7 +26,7 @@ def test_engine_args_are_parsed_by_vllm():
     (["novalue"], [], "KEY=VALUE"),
 ])
 def test_bad_engine_args_are_refused(items, forwarded, needle):
-    with pytest.raises(RecipeError, match=needle):
+    with pytest.raises(OptionError, match=needle):
         parse_engine_args(items, forwarded)
 
 
@@ -37,4 +37,4 @@ def test_bad_engine_args_are_refused(items, forwarded, needle):
 def test_serve_refuses_bad_engine_options_before_starting(serving_base, extra, needle):
     result = CliRunner().invoke(app, ["serve", "--base", str(serving_base[1]), "--backend", "vllm", *extra])
     output = " ".join(result.output.split())
-    assert result.exit_code == 2 and needle in output and "RecipeError" in output, output
+    assert result.exit_code == 2 and needle in output and "OptionError" in output, output
