@@ -185,3 +185,19 @@ def test_bad_weights_and_bad_model_fail_clearly(gated, gpt2, three_adapters):
         attach_gated_lora(copy.deepcopy(gpt2), three_adapters)
     with pytest.raises(LoramergeError, match="already has gated layers"):
         attach_gated_lora(model, three_adapters)
+
+
+def test_adapters_are_opened_as_one_checked_adapter_set(llama, three_adapters):
+    """Duplicate names, the same directory twice and mixed base models are refused before any layer is attached."""
+    from loramerge.core.adapter_set import AdapterSet
+    from loramerge.errors import RecipeError
+
+    model = copy.deepcopy(llama)
+    with pytest.raises(RecipeError, match="used twice"):
+        attach_gated_lora(model, three_adapters[:2], names=["a", "a"])
+    with pytest.raises(RecipeError, match="listed twice"):
+        attach_gated_lora(model, [three_adapters[0], three_adapters[0]])
+    assert not any(type(m).__name__ == "GatedLoraLayer" for m in model.modules())
+    aset = AdapterSet.open(three_adapters, names=["x", "y", "z"])
+    controller = attach_gated_lora(model, aset)
+    assert controller.adapter_names == ["x", "y", "z"] and list(controller.layers) == list(aset.module_names)
