@@ -272,6 +272,10 @@ def _mount_subcommands() -> None:
     app.command("push")(push_command)
     app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")
     app.add_typer(lori_app, name="lori", help="LoRI: frozen random A, sparse B masks and checks.")
+    from loramerge.cli.tune import adamerging_command, tune_command
+
+    app.command("tune")(tune_command)
+    app.command("adamerging")(adamerging_command)
 
 
 _mount_subcommands()

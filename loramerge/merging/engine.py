@@ -23,6 +23,7 @@ from loramerge.core.progress import progress_bar
 from loramerge.errors import NumericalError, RecipeError
 from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
+from loramerge.merging.methods.core_space import method_function
 from loramerge.merging.methods.factorwise import FACTORWISE_METHODS
 from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
@@ -48,10 +49,13 @@ class MergePlan:
     policy: RankPolicy
     factorwise: bool = False
     seed: int = 0
+    space: str = "dense"
+    """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
 
     @classmethod
     def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
-              rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0) -> MergePlan:
+              rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0,
+              space: str = "dense") -> MergePlan:
         """Resolve ``method`` in the registry, validate its parameters and the rank policy."""
         entry = get_method(method)
         try:
@@ -62,6 +66,7 @@ class MergePlan:
         if factorwise and entry.factorwise is None:
             raise RecipeError(f"method '{entry.name}' has no factorwise (PEFT) variant",
                               fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
+        method_function(entry, space, factorwise=factorwise)  # refuses a space the method does not support
         policy = RankPolicy.parse(rank)
         if entry.fixed_rank is not None:
             if policy.kind == "auto":
@@ -71,12 +76,13 @@ class MergePlan:
                                   f"it cannot use rank {policy.describe()}",
                                   fix="drop the rank key, or use task_arithmetic with a rank policy")
         return cls(method=entry, config=config, weights=tuple(float(w) for w in weights), policy=policy,
-                   factorwise=factorwise, seed=seed)
+                   factorwise=factorwise, seed=seed, space=space)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> MergePlan:
         return cls.build(recipe.method, [e.weight for e in recipe.adapters], parameters=recipe.parameters,
-                         rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed)
+                         rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed,
+                         space=recipe.space)
 
 
 @dataclass(frozen=True)
@@ -89,12 +95,19 @@ class MergedModule:
 
 def module_inputs(adapters: AdapterSet, plan: MergePlan, name: str, *, device: str | torch.device = "cpu",
                   context: Any = None) -> ModuleInputs:
-    """What the method sees for module ``name``: the factors of the adapters that have it."""
-    present = adapters.present(name)
+    """What the method sees for module ``name``: every adapter's factors, in the set's order.
+
+    An adapter that lacks the module is a ZERO task vector there (model-soup semantics), given to the
+    method as rank-0 factors, so that normalising methods (average, ``normalize: true``, STAR, LEGO's norm)
+    divide by all the weights, not only by the weights of the adapters that have the module.
+    """
+    present = set(adapters.present(name))
+    loaded = {i: adapters[i].factors(name, device=device) for i in sorted(present)}
+    first = next(iter(loaded.values()))
+    absent = LoraFactors(A=first.A.new_zeros(0, first.d_in), B=first.B.new_zeros(first.d_out, 0), kind=first.kind)
     return ModuleInputs(
-        name=name, factors=tuple(adapters[i].factors(name, device=device) for i in present),
-        weights=tuple(plan.weights[i] for i in present),
-        adapter_names=tuple(adapters[i].name for i in present), seed=plan.seed, context=context,
+        name=name, factors=tuple(loaded.get(i, absent) for i in range(len(adapters))),
+        weights=tuple(plan.weights), adapter_names=tuple(a.name for a in adapters), seed=plan.seed, context=context,
     )
 
 
@@ -122,8 +135,7 @@ def merge_modules(
     if len(plan.weights) != len(adapters):
         raise RecipeError(f"{len(plan.weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
     method = plan.method
-    fn = method.factorwise if plan.factorwise else method.fn
-    assert fn is not None
+    fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
     context = None
     if method.prepare is not None and not plan.factorwise:

@@ -9,6 +9,7 @@ adapters:
 parameters: {density: 0.2}
 rank: exact                   # exact | auto | max | 16 | {energy: 0.99}
 dtype: auto                   # auto | float32 | float16 | bfloat16
+space: dense                  # dense (default) | core (core-space merging, arXiv 2509.17786)
 ```
 """
 
@@ -57,6 +58,7 @@ class Recipe(BaseModel):
     dtype: DTypeName = "auto"
     base_model: str | None = None
     factorwise: bool = False
+    space: Literal["dense", "core"] = "dense"
     seed: int = 0
     allow_pickle: bool = False
 
@@ -88,6 +90,9 @@ class Recipe(BaseModel):
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
                               fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
+        from loramerge.merging.methods.core_space import check_space
+
+        check_space(method, self.space, factorwise=self.factorwise)
         return self
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from loramerge.errors import RecipeError
+from loramerge.merging.methods.adamerging import ADAMERGING
 from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs
 from loramerge.merging.methods.elementwise import BREADCRUMBS, DARE_LINEAR, DARE_TIES, DELLA, MAGNITUDE_PRUNE, TIES
 from loramerge.merging.methods.factorwise import FACTORWISE_METHODS, factorwise
@@ -52,6 +53,7 @@ _BUILTIN_GROUPS: tuple[tuple[MergeMethod, ...], ...] = (
     (TIES, DARE_LINEAR, DARE_TIES, DELLA, BREADCRUMBS, MAGNITUDE_PRUNE),
     (LORA_LEGO,),
     (TSV, ISO_C, ISO_CTS, STAR, KNOTS),
+    (ADAMERGING,),
 )
 
 for _group in _BUILTIN_GROUPS:
