@@ -106,6 +106,8 @@ def test_route_train_takes_each_kinds_defaults_from_its_class_and_refuses_others
     from loramerge.routers.similarity import CentroidOptions, CentroidRouter
 
     assert KINDS == TRAINABLE_KINDS
+    listing = runner.invoke(app, ["kinds"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "--budget 40" in listing.output and "--top-k 1, --temperature 0.1" in listing.output
     assert router_options("centroid", {"top_k": None}) == CentroidOptions()
     assert router_options("arrow", {"top_k": 2, "mode": "request"}).top_k == 2
     root, base, adapters = files
