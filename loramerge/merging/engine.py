@@ -158,7 +158,7 @@ def _output_dtype(name: str, adapters: list[LoraAdapter]) -> torch.dtype:
 
 def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
     if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed)
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
     return compress_factored(result.B, result.A, policy, ranks)
 
 
