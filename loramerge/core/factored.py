@@ -153,7 +153,7 @@ def compress_factored(B: torch.Tensor, A: torch.Tensor, policy: RankPolicy, inpu
     lost = float((S[k:].double() ** 2).sum())
     rel = math.sqrt(lost / total_sq) if total_sq > 0 else 0.0
     if S.numel() == 0:  # an all-zero delta: keep one zero unit so PEFT has a module
-        return Compressed(B=torch.zeros(B.shape[0], 1, dtype=B.dtype), A=torch.zeros(1, A.shape[1], dtype=A.dtype), rel_error=0.0)
+        return Compressed(B=B.new_zeros(B.shape[0], 1), A=A.new_zeros(1, A.shape[1]), rel_error=0.0)
     Bk, Ak = _split(U[:, :k], S[:k], Vh[:k])
     return Compressed(B=Bk, A=Ak, rel_error=rel)
 
