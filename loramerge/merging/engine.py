@@ -134,7 +134,7 @@ def _overflow_error(inputs: ModuleInputs, method: str, what: str) -> NumericalEr
 
 def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
     if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed)
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
     return compress_factored(result.B, result.A, policy, ranks)
 
 
