@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -31,7 +32,7 @@ def _disjoint_mean(tensors: list[torch.Tensor], weights: list[float], majority_s
     votes = stacked.sign().sum(0) if majority_sign == "frequency" else stacked.sum(0)
     elected = torch.where(votes >= 0, 1.0, -1.0)
     agree = stacked.sign() == elected
-    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype).view(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
@@ -64,6 +65,12 @@ def factorwise(method: str) -> Callable[[MethodConfig, ModuleInputs], Factored]:
     """The factor-wise (PEFT) variant of ``method``."""
 
     def run(cfg: MethodConfig, inputs: ModuleInputs) -> Factored:
+        # An adapter without the module arrives as rank-0 factors (a zero task vector); in factor space its
+        # zero A and B add nothing to any combiner (sum, sign election, disjoint mean), so it is left out.
+        present = [i for i, f in enumerate(inputs.factors) if f.rank]
+        inputs = replace(inputs, factors=tuple(inputs.factors[i] for i in present),
+                         weights=tuple(inputs.weights[i] for i in present),
+                         adapter_names=tuple(inputs.adapter_names[i] for i in present))
         ranks = set(inputs.ranks)
         if len(ranks) != 1:
             raise ValueError(
@@ -79,7 +86,7 @@ def factorwise(method: str) -> Callable[[MethodConfig, ModuleInputs], Factored]:
         raw_A = [f.A for f in inputs.factors]
         raw_B = [f.B / f.scale for f in inputs.factors]
         combine = _combiner(method, cfg)
-        gen = generator_for(inputs.seed, "factorwise", inputs.name)
+        gen = generator_for(inputs.seed, "factorwise", inputs.name, device=inputs.factors[0].A.device)
         A = combine(raw_A, w_A, gen)
         B = combine(raw_B, w_B, gen)
         return Factored(B=B, A=A)
