@@ -4,24 +4,27 @@ How the methods plug in (they are written on other branches; whatever is not ins
 "not available", never a crash):
 
 - **Data-informed registry methods** (``DATA_METHODS``: RegMean, RegMean++, Fisher, AdaMerging): run through
-  ``loramerge.merging.engine.merge`` like any method, with the recipe key ``data: {adapter name: file}``
-  naming one JSONL file per task (``{"task", "text"}`` lines: the first ``calib_unlabeled`` *training* prompts,
-  unlabeled). Calibration statistics are the methods' own business (cached by them, keyed by base model,
-  adapter and data sha256). Hyperparameters: the method's ``lambda`` grid when it has one, else its defaults,
-  chosen on validation like every other method.
+  ``loramerge.merging.engine.merge`` like any method. Their data: one JSONL file per task (``{"task", "text"}``
+  lines: the first ``calib_unlabeled`` *training* prompts, unlabeled). Methods whose registry ``data`` is a
+  statistics kind (``gram``, ``fisher``) get ``calibration: DIR`` from one ``loramerge.data.calibration.calibrate``
+  call (cached by content); AdaMerging gets its coefficients from ``routers.adamerging.learn_coefficients``
+  (entropy objective on the same unlabeled prompts) as parameters; any other gets ``data: {name: file}`` and
+  ``base_model``. Hyperparameters: the method's ``lambda`` grid when it has one, else its defaults, chosen on
+  validation like every other method.
 - **LiNeS** (``post: lines``): a data-free post-step applied to the best data-free methods.
-- **``loramerge tune``**: ``TUNERS`` lists where the tuner's API may live; it is called with the adapters, a
-  labeled validation file (``{"task", "prompt", "options", "label"}``, ``tune_val`` examples per task from the
-  validation split, never test) and a budget in minutes, and must write the best merged adapter to ``output``.
+- **``loramerge tune``**: the CLI verb, run as a user would (``name=path`` adapters, ``--data`` a labeled
+  validation file of ``{"task", "prompt", "options", "label"}`` lines, ``tune_val`` per task from the validation
+  split, never test; ``--minutes`` the budget); its ``OUTPUT/adapter`` is evaluated on test.
 
 Each record carries its data budget: how many unlabeled and labeled examples per task the method saw
 (every method, data-free ones included, also used the validation split to choose its hyperparameters)."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,11 +34,11 @@ from loramerge.merging.engine import merge as merge_fn
 from loramerge.merging.methods import REGISTRY
 
 from .bench import Bench, log
+from .cache import content_key, file_digest
 from .evaluate import _same, choose_and_test, grid_for, test_record
 
 DATA_METHODS = ("regmean", "regmean_plus", "fisher", "adamerging")
 LINES_ON = ("task_arithmetic", "ties", "tsv", "iso_cts")
-TUNERS = ("loramerge.tuning:tune", "loramerge.tune:tune", "loramerge.merging.tune:tune")
 
 
 def write_data_files(bench: Bench, root: Path) -> tuple[dict[str, str], Path]:
@@ -58,13 +61,50 @@ def _adapters(bench: Bench, paths: Mapping[str, Path]) -> list[dict]:
     return [{"path": str(paths[t]), "name": t} for t in bench.names]
 
 
+def _calibration(bench: Bench, paths: Mapping[str, Path], calib: Mapping[str, str]) -> tuple[Path, float] | None:
+    """``loramerge calibrate`` once (Grams and Fisher factors of each adapter's model on its own unlabeled
+    prompts), keyed by content; None when the API is not installed."""
+    try:
+        from loramerge.data.calibration import calibrate
+    except ImportError:
+        return None
+    key = content_key(model=bench.evals.model_digest, max_length=bench.settings.max_length,
+                      adapters={t: file_digest(paths[t] / "adapter_model.safetensors") for t in bench.names},
+                      data={t: file_digest(Path(f)) for t, f in calib.items()})
+    out = bench.cache / "calibration" / key[:16]
+    if out.exists():
+        return out, 0.0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    calibrate(str(bench.model_path), {t: str(paths[t]) for t in bench.names}, dict(calib), out, fisher=True,
+              max_length=bench.settings.max_length, show_progress=False)
+    return out, time.perf_counter() - t0
+
+
+def _adamerging(bench: Bench, paths: Mapping[str, Path]) -> dict:
+    """AdaMerging's learned coefficients (routers.adamerging, entropy of the option distribution on the
+    unlabeled training prompts; labels never read) as the method's recipe parameters."""
+    from routers.adamerging import learn_coefficients
+
+    from loramerge.data.scoring import ValidationTask
+
+    s = bench.settings
+    tasks = [ValidationTask(d.short, "choice", tuple(e.prompt for e in d.train[: s.calib_unlabeled]),
+                            tuple(e.options for e in d.train[: s.calib_unlabeled]),
+                            tuple(e.answer for e in d.train[: s.calib_unlabeled])) for d in bench.tasks]
+    result = learn_coefficients(bench.lm.model, bench.lm.tokenizer, [str(paths[t]) for t in bench.names], tasks,
+                                names=bench.names, objective="entropy", seed=s.seed, max_length=s.max_length)
+    return result.parameters()
+
+
 def stage_data_methods(bench: Bench, paths: Mapping[str, Path]) -> None:
     s = bench.settings
     calib, _ = write_data_files(bench, bench.cache / "data")
     adapters = _adapters(bench, paths)
     budget = {"unlabeled_per_task": s.calib_unlabeled, "labeled_per_task": 0, "val_per_task_for_choice": s.n_val}
+    statistics = None
     for name in DATA_METHODS:
-        if bench.results.get("data_merge", name, "error") is None and bench.results.get("data_merge", name):
+        if bench.results.get("data_merge", name, "correct") is not None:
             continue
         method = REGISTRY.get(name)
         if method is None:
@@ -73,11 +113,22 @@ def stage_data_methods(bench: Bench, paths: Mapping[str, Path]) -> None:
             log(f"  data-informed {name}: not available")
             continue
         log(f"data-informed merge: {name}")
-
-        def merge_once(params, seed, _name=name):
-            return merge_fn(adapters=adapters, method=_name, parameters=params, seed=seed, data=calib)
         try:
             t0 = time.perf_counter()
+            learned: dict = {}
+            recipe: dict = {"data": calib, "base_model": str(bench.model_path)}
+            if name == "adamerging":
+                learned = _adamerging(bench, paths)
+                recipe = {}
+            elif getattr(method, "data", "none") in ("gram", "fisher"):
+                statistics = statistics or _calibration(bench, paths, calib)
+                if statistics is not None:
+                    recipe = {"calibration": str(statistics[0])}
+                    bench.results.put("calibration", value={"dir": str(statistics[0]), "seconds": statistics[1]})
+
+            def merge_once(params, seed, _name=name, _learned=learned, _recipe=recipe):
+                return merge_fn(adapters=adapters, method=_name, parameters={**_learned, **params}, seed=seed,
+                                **_recipe)
             random = not _same(merge_once({}, 0), merge_once({}, 1))
             record = {"available": True, "kind": method.kind, "budget": budget,
                       **choose_and_test(bench, merge_once, grid_for(method, s.lambda_grid), random, "lora"),
@@ -86,7 +137,7 @@ def stage_data_methods(bench: Bench, paths: Mapping[str, Path]) -> None:
             log(f"  {name}: params {record['params']} avg normalized {record['avg_normalized']:.3f}")
         except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
             bench.results.put("data_merge", name, value={"available": True, "error": f"{type(exc).__name__}: {exc}"})
-            log(f"  {name} FAILED: {exc}")
+            log(f"  {name} FAILED: {type(exc).__name__}: {exc}")
 
 
 def stage_lines(bench: Bench, paths: Mapping[str, Path]) -> None:
@@ -110,51 +161,52 @@ def stage_lines(bench: Bench, paths: Mapping[str, Path]) -> None:
         log(f"  {key}: avg normalized {record['avg_normalized']:.3f}")
 
 
-def find_tuner():
-    for spec in TUNERS:
-        module, _, attr = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr, None)
-        except ImportError:
-            continue
-        if callable(fn):
-            return spec, fn
-    return None, None
+def tuner_command() -> list[str] | None:
+    """The ``loramerge tune`` command of this environment, or None when the verb is not installed."""
+    exe = Path(sys.executable).with_name("loramerge")
+    if not exe.exists():
+        return None
+    probe = subprocess.run([str(exe), "tune", "--help"], capture_output=True, text=True, check=False)
+    return [str(exe), "tune"] if probe.returncode == 0 else None
 
 
 def stage_tune(bench: Bench, paths: Mapping[str, Path]) -> None:
-    """``loramerge tune`` under the settings' budget on the labeled validation file; its best adapter is
-    evaluated on test like every merge."""
+    """``loramerge tune`` (the CLI, the user's interface) under the settings' budget on the labeled validation
+    file; its best adapter (``OUTPUT/adapter``) is evaluated on test like every merge."""
     s = bench.settings
-    if bench.results.get("tune", "avg_normalized") is not None:
+    if bench.results.get("tune", "correct") is not None:
         return
-    spec, tune = find_tuner()
-    if tune is None:
-        bench.results.put("tune", value={"available": False, "reason": f"no tuner API at {', '.join(TUNERS)}"})
+    command = tuner_command()
+    if command is None:
+        bench.results.put("tune", value={"available": False, "reason": "no `loramerge tune` verb installed"})
         log("  tune: not available")
         return
     _, val = write_data_files(bench, bench.cache / "data")
-    out = bench.cache / "tune" / f"budget{s.tune_minutes:g}min"
-    kwargs = {"adapters": [str(paths[t]) for t in bench.names], "data": str(val), "output": str(out),
-              "budget_minutes": s.tune_minutes, "seed": s.seed, "force": True}
-    accepted = inspect.signature(tune).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    try:
-        t0 = time.perf_counter()
-        tune(**kwargs)
-        seconds = time.perf_counter() - t0
-        adapter = load_adapter(str(out))
-        deltas = {m: (f.B, f.A) for m in adapter.modules for f in [adapter.factors(m)]}
-        record = test_record(bench, lambda p, seed: _Fixed(module_deltas_from(deltas)), {}, False,
-                             bench.finetuned("lora", "test"))
-        record.update({"available": True, "api": spec, "budget": {"labeled_per_task": s.tune_val,
-                       "minutes": s.tune_minutes, "unlabeled_per_task": 0}, "tune_seconds": seconds})
-        bench.results.put("tune", value=record)
-        log(f"  tune: avg normalized {record['avg_normalized']:.3f} in {seconds:.0f}s")
-    except Exception as exc:  # noqa: BLE001
-        bench.results.put("tune", value={"available": True, "api": spec, "error": f"{type(exc).__name__}: {exc}"})
-        log(f"  tune FAILED: {exc}")
+    out = bench.cache / "tune" / content_key(
+        model=bench.evals.model_digest, minutes=s.tune_minutes, seed=s.seed, data=file_digest(val),
+        adapters={t: file_digest(paths[t] / "adapter_model.safetensors") for t in bench.names})[:16]
+    command += [f"{t}={paths[t]}" for t in bench.names] + [
+        "--data", str(val), "--output", str(out), "--base", str(bench.model_path), "--minutes", f"{s.tune_minutes:g}",
+        "--seed", str(s.seed), "--max-length", str(s.max_length), "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads)}
+    t0 = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0 or not (out / "adapter").exists():
+        bench.results.put("tune", value={"available": True, "command": " ".join(command),
+                                         "error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"})
+        log(f"  tune FAILED (exit {done.returncode})")
+        return
+    adapter = load_adapter(str(out / "adapter"))
+    deltas = {m: (f.B, f.A) for m in adapter.modules for f in [adapter.factors(m)]}
+    record = test_record(bench, lambda p, seed: _Fixed(module_deltas_from(deltas)), {}, False,
+                         bench.finetuned("lora", "test"))
+    report = out / "report.json"
+    record.update({"available": True, "api": "loramerge tune", "command": " ".join(command),
+                   "budget": {"labeled_per_task": s.tune_val, "minutes": s.tune_minutes, "unlabeled_per_task": 0},
+                   "tune_seconds": seconds, "report": json.loads(report.read_text()) if report.exists() else None})
+    bench.results.put("tune", value=record)
+    log(f"  tune: avg normalized {record['avg_normalized']:.3f} in {seconds:.0f}s")
 
 
 class _Module:

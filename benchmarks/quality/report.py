@@ -124,7 +124,7 @@ def headline_section(r: dict) -> str:
 def finetune_section(r: dict) -> str:
     rows, fails = [], []
     for t, info in r["tasks"].items():
-        base, ft = r.get("base", {}).get(t, {}), r.get("finetuned", {}).get(t if False else "lora", {}).get(t, {})
+        base, ft = r.get("base", {}).get(t, {}), r.get("finetuned", {}).get("lora", {}).get(t, {})
         train = r.get("training", {}).get("lora", {}).get(t, {})
         if not ft or not base:
             continue
@@ -146,11 +146,12 @@ def finetune_section(r: dict) -> str:
                    "gain over max(base, majority)", "train s"], rows) + "\n" + gate + "\n"
 
 
-def merge_section(r: dict, section: str = "merge", kind: str = "lora") -> str:
+def merge_section(r: dict, section: str = "merge", kind: str = "lora") -> tuple[str, tuple[list, ...]]:
+    """The method table (sorted by normalized accuracy, each marked against the best) and the plot's data."""
     items = [(k, v) for k, v in r.get(section, {}).items() if _ok(v)]
     items.sort(key=lambda kv: -kv[1]["avg_normalized"])
     if not items:
-        return "(no results)\n"
+        return "(no results)\n", ([], [], [], [])
     ft = _ft(r, kind)
     top_name, top = items[0]
     tasks = list(r["tasks"])
@@ -175,7 +176,7 @@ def merge_section(r: dict, section: str = "merge", kind: str = "lora") -> str:
     return (_table(["method", *tasks, "avg normalized % [95% CI]", "avg acc % [95% CI]", "vs best (paired bootstrap)",
                     "chosen on val", "seeds", "merge s", "rank", "rank-policy rel. error"], rows)
             + ("\nFailed:\n" + "\n".join(errors) + "\n" if errors else ""),
-            (labels, vals, lows, highs))  # type: ignore[return-value]
+            (labels, vals, lows, highs))
 
 
 def data_section(r: dict) -> str:

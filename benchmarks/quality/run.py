@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default="", help="comma-separated task keys of benchmarks/quality/tasks.py "
                         "(default: the six of tasks.TASKS; --smoke: three of them)")
     parser.add_argument("--smoke", action="store_true", help="tiny splits and budgets: checks every stage runs")
+    parser.add_argument("--results", type=Path, help="results file (default cache/results.json; --smoke: "
+                        "cache/smoke/results.json); two runs at once need two files")
     args = parser.parse_args(argv)
     settings = Settings(threads=args.threads, tasks=tuple(t for t in args.tasks.split(",") if t))
     results_path, doc = CACHE / "results.json", None
     if args.smoke:
         settings = smoke(settings) if not settings.tasks else replace(smoke(settings), tasks=settings.tasks)
         results_path, doc = CACHE / "smoke" / "results.json", CACHE / "smoke" / "QUALITY.md"
+    results_path = args.results or results_path
     results_path.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(settings.threads)
     stages = set(args.stages.split(","))

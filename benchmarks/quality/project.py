@@ -1,0 +1,128 @@
+"""How long a full run takes: measure the unit costs on this machine, count the work of every stage.
+
+``.venv/bin/python -m benchmarks.quality.project [--examples 32] [--steps 4]`` measures the seconds per
+evaluated example (option scoring, per task) and per training step (all-layer LoRA, batch of the settings),
+then multiplies by the number of evaluations and steps each stage of a full run performs (from the
+settings and the method registry). The load average is printed with it: on a shared machine the unit costs,
+and so the projection, scale with it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from loramerge.merging.methods import REGISTRY
+
+from .settings import Settings
+from .tasks import TASKS
+
+RANDOM_METHODS = ("ties", "dare_linear", "dare_ties", "della", "breadcrumbs", "magnitude_prune", "lora_lego")
+"""Methods v1 found to change with the seed (``is_random`` decides at run time); tested with every seed."""
+MERGE_SECONDS = {"della": 75.0, "breadcrumbs": 80.0}
+"""Merge time per call on all 30 layers, projected from v1's top-4-layer timings x 7.5; others take < 15 s."""
+
+
+def work(s: Settings, n_tasks: int = len(TASKS)) -> dict[str, dict[str, float]]:
+    """Examples evaluated, training steps and merges of every stage of a full run from an empty cache."""
+    val, test = s.n_val * n_tasks, s.n_test * n_tasks
+    seeds = len(s.random_seeds)
+    grid = len(s.lambda_grid)
+    methods = [*REGISTRY, "task_arithmetic+factorwise"]
+    gridded = [m for m in methods if m.split("+")[0] not in ("average", "cat")]
+    merge_evals = sum((grid if m in gridded else 1) * val + (seeds if m in RANDOM_METHODS else 1) * test
+                      for m in methods) + 2 * seeds * test  # + ties@exact, dare_ties@exact
+    merges = sum((grid if m in gridded else 1) + (seeds if m in RANDOM_METHODS else 1) for m in methods)
+    merge_s = sum(MERGE_SECONDS.get(m, 5.0) * ((grid if m in gridded else 1) + (seeds if m in RANDOM_METHODS else 1))
+                  for m in methods)
+    ortho = 8  # evaluate.ORTHOGONAL_METHODS, at the plain LoRAs' chosen point
+    return {
+        "base": {"examples": val + test},
+        "train_lora": {"steps": n_tasks * s.steps, "examples": val + test},
+        "merge_sweep": {"examples": merge_evals, "merge_seconds": merge_s, "merges": merges},
+        "data_methods (4, if installed)": {"examples": 4 * (grid * val + test), "merge_seconds": 4 * grid * 20},
+        "lines (4 post-steps)": {"examples": 4 * test},
+        "tune (if installed)": {"fixed_seconds": 60 * s.tune_minutes, "examples": test},
+        "rmm (6 bases)": {"examples": 6 * test},
+        "twin (3 bundles)": {"examples": 3 * 2 * test},
+        "routers (3)": {"examples": 3 * 2 * test + (s.router_train * n_tasks + test) * 0.8},
+        "tokens (5; 3 trained)": {"examples": 5 * 2 * test * 1.3, "steps": 3 * s.gate_steps * 1.3},
+        "osrm": {"steps": n_tasks * s.steps, "examples": val + test + ortho * (val + 1.5 * test)},
+        "lori": {"steps": n_tasks * s.steps, "examples": val + test + ortho * (val + 1.5 * test)},
+    }
+
+
+def measure(examples: int, steps: int, s: Settings) -> tuple[float, float]:
+    from peft import get_peft_model
+
+    from .assets import load_model_and_tokenizer
+    from .model import LM, lora_config
+    from .tasks import load_task_data
+
+    model, tokenizer = load_model_and_tokenizer()
+    lm = LM(model, tokenizer, max_length=s.max_length)
+    tasks = load_task_data(TASKS, n_train=max(64, s.batch_size), n_val=0, n_test=examples, seed=s.seed)
+    total, count = 0.0, 0
+    for d in tasks:
+        enc = lm.encode(d.test)
+        t0 = time.perf_counter()
+        lm.correct(enc)
+        seconds = time.perf_counter() - t0
+        print(f"  eval {d.short}: {seconds / len(enc):.3f} s/example")
+        total, count = total + seconds, count + len(enc)
+    train = [e for d in tasks for e in lm.encode(d.train)]
+    peft_model = get_peft_model(lm.model, lora_config(s.rank, s.alpha))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=s.lr)
+    lm.model.train()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = lm.answer_loss(train[i * s.batch_size: (i + 1) * s.batch_size])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    lm.model.eval()
+    peft_model.unload()
+    return total / count, sum(times[1:]) / steps  # the first step warms up
+
+
+def project(s_per_example: float, s_per_step: float, s: Settings) -> list[tuple[str, float]]:
+    rows = []
+    for stage, w in work(s).items():
+        seconds = (w.get("examples", 0) * s_per_example + w.get("steps", 0) * s_per_step
+                   + w.get("merge_seconds", 0) + w.get("fixed_seconds", 0))
+        rows.append((stage, seconds))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--examples", type=int, default=32, help="test examples per task to time")
+    parser.add_argument("--steps", type=int, default=4, help="training steps to time")
+    parser.add_argument("--s-per-example", type=float, help="skip measuring: use this")
+    parser.add_argument("--s-per-step", type=float, help="skip measuring: use this")
+    args = parser.parse_args(argv)
+    s = Settings()
+    torch.set_num_threads(s.threads)
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    if args.s_per_example is None or args.s_per_step is None:
+        per_example, per_step = measure(args.examples, args.steps, s)
+    else:
+        per_example, per_step = args.s_per_example, args.s_per_step
+    print(f"load average {load} -> {' / '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+          f"{per_example:.3f} s per evaluated example, {per_step:.2f} s per training step (batch {s.batch_size})")
+    rows = project(per_example, per_step, s)
+    cached = {"train_lora", "osrm", "lori"}
+    for stage, seconds in rows:
+        print(f"  {stage:32s} {seconds / 60:7.1f} min")
+    total = sum(x for _, x in rows)
+    steps_s = sum(w.get("steps", 0) for k, w in work(s).items() if k in cached) * per_step
+    print(f"  {'total from an empty cache':32s} {total / 60:7.1f} min")
+    print(f"  {'total with cached adapters':32s} {(total - steps_s) / 60:7.1f} min (evaluations not cached)")
+
+
+if __name__ == "__main__":
+    main()
