@@ -8,6 +8,7 @@ projection is computed only at those positions."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ class LM:
         self.max_length = max_length
         self.n_layers = len(model.model.layers)
         self._option_ids: dict[str, torch.Tensor] = {}
+        # transformers 5 renamed the KV-cache argument and output field (``past_key_values`` -> ``cache``)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
 
     # ---- tokens
     def _option(self, text: str) -> torch.Tensor:
@@ -77,7 +80,7 @@ class LM:
             row_scores = torch.stack([first[b, opt[0]] for b, opt in rows])
             longest = max(len(opt) for _, opt in rows)
             if longest > 1:  # the options' later tokens, on the prompt's cache repeated once per option
-                cache = out.past_key_values
+                cache = out.cache if self._cache_arg == "cache" else out.past_key_values
                 cache.reorder_cache(torch.tensor([b for b, _ in rows]))
                 width = longest - 1
                 ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
@@ -88,8 +91,8 @@ class LM:
                 prompt_mask = mask[[b for b, _ in rows]]
                 positions = prompt_mask.sum(-1, keepdim=True) + torch.arange(width)[None, :]
                 hidden = self.model.model(input_ids=ids, attention_mask=torch.cat([prompt_mask, opt_mask], -1),
-                                          position_ids=positions, past_key_values=cache,
-                                          use_cache=True).last_hidden_state
+                                          position_ids=positions, use_cache=True,
+                                          **{self._cache_arg: cache}).last_hidden_state
                 where = opt_mask.bool()
                 logp = torch.log_softmax(head(hidden[where]).float(), -1)
                 targets = torch.cat([opt[1:] for _, opt in rows if len(opt) > 1])
@@ -161,22 +164,31 @@ class LM:
                     self.model.get_submodule(name).weight.copy_(weight)
 
 
-def lora_config(rank: int, alpha: float):
+def lora_config(rank: int, alpha: float, layers: Sequence[int] = ()):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", layers_to_transform=list(layers) or None)
+
+
+def target_regex(layers: Sequence[int] = ()) -> str | list[str]:
+    """PEFT's target_modules for the seven projections of ``layers`` (all layers when empty)."""
+    if not layers:
+        return list(TARGETS)
+    return rf".*\.layers\.({'|'.join(map(str, layers))})\.(self_attn|mlp)\.({'|'.join(TARGETS)})"
 
 
 def train_lora(lm: LM, examples: Sequence[Encoded], out_dir: Path, *, rank: int, alpha: float, steps: int,
-               batch_size: int, lr: float, seed: int, base_path: str, peft_wrap=None) -> dict:
+               batch_size: int, lr: float, seed: int, base_path: str, peft_wrap=None,
+               layers: Sequence[int] = ()) -> dict:
     """Train one PEFT LoRA on every layer's seven projections (CE on the answer's tokens); save to ``out_dir``.
 
     ``peft_wrap(model) -> peft_model`` overrides the plain ``get_peft_model`` (OSRM / LoRI initialisations)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = peft_wrap(lm.model) if peft_wrap is not None else get_peft_model(lm.model, lora_config(rank, alpha))
+    config = lora_config(rank, alpha, layers)
+    peft_model = peft_wrap(lm.model) if peft_wrap is not None else get_peft_model(lm.model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)

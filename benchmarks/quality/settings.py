@@ -27,6 +27,7 @@ class Settings:
     calib_unlabeled: int = 128  # unlabeled training prompts per task for calibration (RegMean, Fisher, ...)
     tune_minutes: float = 15.0  # `loramerge tune` budget
     tune_val: int = 100        # labeled validation examples per task the tuner sees (never the test split)
+    lora_layers: tuple[int, ...] = ()  # layers with LoRA (empty: all 30; the smoke uses 2 to stay fast)
     lambda_grid: tuple[float, ...] = (0.3, 0.6, 1.0)  # validation grid of every method's lambda / gamma
     tasks: tuple[str, ...] = ()  # task keys (empty: tasks.TASKS)
 
@@ -35,10 +36,10 @@ class Settings:
 
     def training_key(self) -> dict:
         """What an adapter depends on (besides the data and the model): part of its cache key."""
-        return {k: getattr(self, k) for k in ("seed", "max_length", "rank", "alpha", "steps", "batch_size", "lr")}
+        return {k: getattr(self, k) for k in ("seed", "max_length", "rank", "alpha", "steps", "batch_size", "lr", "lora_layers")}
 
 
-SMOKE = dict(n_train=16, n_val=4, n_test=4, steps=2, lambda_grid=(0.6,), tasks=("intent", "sentiment", "color"), gate_steps=2, osrm_samples=4, random_seeds=(0, 1),
+SMOKE = dict(n_train=16, n_val=4, n_test=4, steps=2, lambda_grid=(0.6,), lora_layers=(28, 29), tasks=("intent", "sentiment", "color"), gate_steps=2, osrm_samples=4, random_seeds=(0, 1),
              router_train=8, calib_unlabeled=8, tune_minutes=0.5, tune_val=6)
 """``--smoke``: tiny splits and budgets that check every stage runs (numbers mean nothing)."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .bench import Bench, adapter_deltas, log
 from .cache import content_key
-from .model import TARGETS, train_lora
+from .model import TARGETS, target_regex, train_lora
 
 
 def stage_base(bench: Bench) -> None:
@@ -43,7 +43,7 @@ def stage_train(bench: Bench, kind: str = "lora", peft_wrap=None, extra=None) ->
             out.parent.mkdir(parents=True, exist_ok=True)
             info = train_lora(bench.lm, bench.enc[d.short]["train"], out, rank=s.rank, alpha=s.alpha, steps=s.steps,
                               batch_size=s.batch_size, lr=s.lr, seed=s.seed, base_path=str(bench.model_path),
-                              peft_wrap=peft_wrap(d) if peft_wrap else None)
+                              peft_wrap=peft_wrap(d) if peft_wrap else None, layers=s.lora_layers)
             bench.results.put("training", kind, d.short, value=info)
             log(f"  {info}")
         paths[d.short] = out
@@ -71,7 +71,7 @@ def osrm(bench: Bench):
         def wrap(model):
             t0 = time.perf_counter()
             init = compute_osrm_init(model, others(data), tokenizer=bench.lm.tokenizer, r=s.rank,
-                                     target_modules=list(TARGETS), max_samples=s.osrm_samples,
+                                     target_modules=target_regex(s.lora_layers), max_samples=s.osrm_samples,
                                      max_length=s.max_length, batch_size=16)
             ratios = list(init.energy_ratio.values())
             bench.results.put("osrm_init", data.short, value={
@@ -93,5 +93,6 @@ def lori(bench: Bench):
         return LoriSpec(seed=1000 + bench.names.index(data.short), r=s.rank, lora_alpha=s.alpha, lora_dropout=0.0,
                         target_modules=TARGETS)
 
-    return (lambda data: lambda model: lori_model(model, spec(data), task_type="CAUSAL_LM"),
+    layers = {"layers_to_transform": list(s.lora_layers)} if s.lora_layers else {}
+    return (lambda data: lambda model: lori_model(model, spec(data), task_type="CAUSAL_LM", **layers),
             lambda data: {"lori_seed": 1000 + bench.names.index(data.short)})
