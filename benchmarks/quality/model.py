@@ -67,7 +67,7 @@ class LM:
         return out, mask
 
     @torch.no_grad()
-    def option_scores(self, encoded: Sequence[Encoded], batch_size: int = 16) -> list[torch.Tensor]:
+    def option_scores(self, encoded: Sequence[Encoded], batch_size: int = 32) -> list[torch.Tensor]:
         """[n_options] summed log-likelihood of each option's tokens, per example."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].prompt))
         scores: list[torch.Tensor | None] = [None] * len(encoded)

@@ -28,7 +28,7 @@ class Settings:
     tune_minutes: float = 15.0  # `loramerge tune` budget
     tune_val: int = 100        # labeled validation examples per task the tuner sees (never the test split)
     lora_layers: tuple[int, ...] = ()  # layers with LoRA (empty: all 30; the smoke uses 2 to stay fast)
-    lambda_grid: tuple[float, ...] = (0.3, 0.6, 1.0)  # validation grid of every method's lambda / gamma
+    lambda_grid: tuple[float, ...] = (0.3, 0.6)  # validation grid of lambda (evaluate.py: per family)
     tasks: tuple[str, ...] = ()  # task keys (empty: tasks.TASKS)
 
     def as_dict(self) -> dict:
