@@ -24,6 +24,8 @@ ISOTROPIC_GRID = (0.6, 1.2)
 gamma): their best scale sits near or above 1 (v1 chose 0.5-2.0). Two points each: the cost of a full run
 from scratch is dominated by evaluations (see ``project.py``); a third point costs 14 validation passes."""
 ISOTROPIC = ("tsv", "iso_c", "iso_cts", "lora_lego")
+REGMEAN_ALPHA_GRID = (0.5, 0.9)
+"""RegMean's off-diagonal scale of each Gram (the paper's alpha; 0.9 its default)."""
 DENSITY = 0.3
 """Density of the methods with a ``density`` (TIES, DARE, DELLA, Breadcrumbs, magnitude pruning, KnOTS),
 fixed (v1's density grid cost as much as the rest of the sweep and chose 0.2 or 0.5 with 30 val examples)."""
@@ -40,6 +42,8 @@ def grid_for(method, grid: tuple[float, ...] = LAMBDA_GRID) -> list[dict]:
     fields = method.config_cls.model_fields
     if method.name in ISOTROPIC and len(grid) > 1:
         grid = ISOTROPIC_GRID
+    if method.name == "regmean" and "alpha" in fields and len(grid) > 1:
+        return [{"alpha": a} for a in REGMEAN_ALPHA_GRID]
     extra = {"density": DENSITY} if "density" in fields else {}
     if "lambda_" in fields:
         return [{"lambda": v, **extra} for v in grid]
@@ -83,7 +87,9 @@ def is_random(bench: Bench, name: str, paths: list[str]) -> bool:
 
 
 def default_variants() -> list[str]:
-    return [*REGISTRY, "task_arithmetic" + FACTORWISE_SUFFIX]
+    """The data-free registry methods (registry ``data`` "none"; the others run in data_methods.py)."""
+    free = [name for name, m in REGISTRY.items() if getattr(m, "data", "none") == "none"]
+    return [*free, "task_arithmetic" + FACTORWISE_SUFFIX]
 
 
 def test_record(bench: Bench, merge_once, params: dict, random: bool, finetuned) -> dict:

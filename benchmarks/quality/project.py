@@ -36,7 +36,7 @@ def work(s: Settings, n_tasks: int = len(TASKS)) -> dict[str, dict[str, float]]:
     val, test = s.n_val * n_tasks, s.n_test * n_tasks
     seeds = len(s.random_seeds)
     grid = len(s.lambda_grid)
-    methods = [*REGISTRY, "task_arithmetic+factorwise"]
+    methods = [n for n, m in REGISTRY.items() if getattr(m, "data", "none") == "none"] + ["task_arithmetic+factorwise"]
     gridded = [m for m in methods if m.split("+")[0] not in ("average", "cat")]
 
     def passes(m: str) -> tuple[int, int]:
