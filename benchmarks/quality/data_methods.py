@@ -84,16 +84,16 @@ def _calibration(bench: Bench, paths: Mapping[str, Path], calib: Mapping[str, st
 def _adamerging(bench: Bench, paths: Mapping[str, Path]) -> dict:
     """AdaMerging's learned coefficients (routers.adamerging, entropy of the option distribution on the
     unlabeled training prompts; labels never read) as the method's recipe parameters."""
-    from routers.adamerging import learn_coefficients
-
     from loramerge.data.scoring import ValidationTask
+    from routers.adamerging import learn_coefficients
 
     s = bench.settings
     tasks = [ValidationTask(d.short, "choice", tuple(e.prompt for e in d.train[: s.calib_unlabeled]),
                             tuple(e.options for e in d.train[: s.calib_unlabeled]),
                             tuple(e.answer for e in d.train[: s.calib_unlabeled])) for d in bench.tasks]
     result = learn_coefficients(bench.lm.model, bench.lm.tokenizer, [str(paths[t]) for t in bench.names], tasks,
-                                names=bench.names, objective="entropy", seed=s.seed, max_length=s.max_length)
+                                names=bench.names, objective="entropy", seed=s.seed, max_length=s.max_length,
+                                steps=s.ada_steps)
     return result.parameters()
 
 
@@ -132,7 +132,7 @@ def stage_data_methods(bench: Bench, paths: Mapping[str, Path]) -> None:
             random = not _same(merge_once({}, 0), merge_once({}, 1))
             record = {"available": True, "kind": method.kind, "budget": budget,
                       **choose_and_test(bench, merge_once, grid_for(method, s.lambda_grid), random, "lora"),
-                      "stage_seconds": time.perf_counter() - t0}
+                      "stage_seconds": time.perf_counter() - t0, "learned_parameters": learned or None}
             bench.results.put("data_merge", name, value=record)
             log(f"  {name}: params {record['params']} avg normalized {record['avg_normalized']:.3f}")
         except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash
@@ -187,7 +187,7 @@ def stage_tune(bench: Bench, paths: Mapping[str, Path]) -> None:
         adapters={t: file_digest(paths[t] / "adapter_model.safetensors") for t in bench.names})[:16]
     command += [f"{t}={paths[t]}" for t in bench.names] + [
         "--data", str(val), "--output", str(out), "--base", str(bench.model_path), "--minutes", f"{s.tune_minutes:g}",
-        "--seed", str(s.seed), "--max-length", str(s.max_length), "--force"]
+        "--seed", str(s.seed), "--max-length", str(s.max_length), "--ada-steps", str(s.ada_steps), "--force"]
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads)}
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

@@ -25,6 +25,7 @@ class Settings:
     router_train: int = 128    # training prompts per task that fit the request-level routers
     router_layer: int = 20     # the base model's hidden state (after this many layers) the routers read
     calib_unlabeled: int = 128  # unlabeled training prompts per task for calibration (RegMean, Fisher, ...)
+    ada_steps: int = 100       # AdaMerging coefficient-training steps (its own stage and inside tune)
     tune_minutes: float = 15.0  # `loramerge tune` budget
     tune_val: int = 100        # labeled validation examples per task the tuner sees (never the test split)
     lora_layers: tuple[int, ...] = ()  # layers with LoRA (empty: all 30; the smoke uses 2 to stay fast)
@@ -40,7 +41,7 @@ class Settings:
 
 
 SMOKE = dict(n_train=16, n_val=4, n_test=4, steps=2, lambda_grid=(0.6,), lora_layers=(28, 29), tasks=("intent", "sentiment", "color"), gate_steps=2, osrm_samples=4, random_seeds=(0, 1),
-             router_train=8, calib_unlabeled=8, tune_minutes=0.5, tune_val=6)
+             router_train=8, calib_unlabeled=8, ada_steps=2, tune_minutes=0.5, tune_val=6)
 """``--smoke``: tiny splits and budgets that check every stage runs (numbers mean nothing)."""
 
 
