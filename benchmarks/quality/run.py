@@ -97,11 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     def optional(name, fn, *a, **kw):
         """A later stage that fails is recorded (and reported), not allowed to stop the stages after it."""
         try:
-            return timed(name, fn, *a, **kw)
+            out = timed(name, fn, *a, **kw)
         except Exception as exc:  # noqa: BLE001 - the benchmark reports what failed and goes on
             results.put("failures", name, value=f"{type(exc).__name__}: {exc}")
             log(f"stage {name} FAILED: {type(exc).__name__}: {exc}")
             return None
+        failures = results.get("failures") or {}
+        if failures.pop(name, None) is not None:  # an earlier failure of this stage is fixed
+            results.put("failures", value=failures)
+        return out
 
     model, tokenizer = timed("load_model", load_model_and_tokenizer)
     model_path = plain_model_dir()
