@@ -21,6 +21,7 @@ Each record carries its data budget: how many unlabeled and labeled examples per
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -177,9 +178,12 @@ def stage_tune(bench: Bench, paths: Mapping[str, Path]) -> None:
     if bench.results.get("tune", "correct") is not None:
         return
     command = tuner_command()
-    if command is None:
-        bench.results.put("tune", value={"available": False, "reason": "no `loramerge tune` verb installed"})
-        log("  tune: not available")
+    reason = "no `loramerge tune` verb installed" if command is None else None
+    if command is not None and importlib.util.find_spec("optuna") is None:
+        reason = "optuna is not installed (`.venv/bin/pip install optuna`)"
+    if reason:
+        bench.results.put("tune", value={"available": False, "reason": reason})
+        log(f"  tune: not available ({reason})")
         return
     _, val = write_data_files(bench, bench.cache / "data")
     out = bench.cache / "tune" / content_key(
