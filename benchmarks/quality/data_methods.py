@@ -156,7 +156,7 @@ def stage_lines(bench: Bench, paths: Mapping[str, Path]) -> None:
                                     chosen["params"], chosen["random"], bench.finetuned("lora", "test"))}
         except Exception as exc:  # noqa: BLE001
             bench.results.put("merge_unavailable", key, value=f"{type(exc).__name__}: {exc}")
-            log(f"  {key}: not available ({exc})")
+            log(f"  {key}: not available ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
             continue
         bench.results.put("merge", key, value=record)
         log(f"  {key}: avg normalized {record['avg_normalized']:.3f}")
