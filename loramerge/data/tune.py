@@ -152,10 +152,10 @@ class ScoreCache:
 
 
 def check_budget(trials: int | None, minutes: float | None) -> None:
-    if (trials is None or trials <= 0) and (minutes is None or minutes <= 0):
-        raise RecipeError("the tuning budget is zero", fix="give --trials N (N >= 1) and/or --minutes M (M > 0)")
     if (trials is not None and trials < 0) or (minutes is not None and minutes < 0):
         raise RecipeError("a negative budget", fix="give --trials N >= 1 and/or --minutes M > 0")
+    if (trials is None or trials <= 0) and (minutes is None or minutes <= 0):
+        raise RecipeError("the tuning budget is zero", fix="give --trials N (N >= 1) and/or --minutes M (M > 0)")
 
 
 def check_space(space: SearchSpace, preparers: Mapping[str, Preparer]) -> None:
