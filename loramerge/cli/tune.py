@@ -82,6 +82,9 @@ def tune_command(
         names, paths = parse_adapter_items(adapters)
         check_output(output, force)
         from loramerge.data.examples import parse_data_specs
+        from loramerge.io.writer import check_output_path
+
+        check_output_path(output / "adapter", force=True, inputs=paths)  # overlap and permissions, up front
 
         examples = read_validation(parse_data_specs(data), names)
         space = SearchSpace(methods=_methods(methods), weights=weights, rank=int(rank) if rank.isdigit() else rank)

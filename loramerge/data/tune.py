@@ -340,9 +340,8 @@ class Tuner:
 
     def run(self, *, trials: int | None = None, minutes: float | None = None, sampler: str = "tpe",
             on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
-        import optuna
-
         check_budget(trials, minutes)
+        optuna = _optuna()
         if sampler not in ("tpe", "cmaes", "random"):
             raise RecipeError(f"unknown sampler '{sampler}'", fix="use tpe, cmaes or random")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -390,6 +389,14 @@ class Tuner:
         best = max([*contenders.values(), baseline], key=lambda t: t.full_score or -math.inf)
         own = {"slice": self.own_scores("slice"), "full": self.own_scores("full")}
         return TuneResult(records, best, baseline, own, self.settings, evaluated=self.evaluated)
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise RecipeError("`loramerge tune` needs optuna", fix="pip install 'loramerge[tune]'") from None
+    return optuna
 
 
 class _TrialProgress:
