@@ -276,6 +276,9 @@ def _mount_subcommands() -> None:
 
     app.command("tune")(tune_command)
     app.command("adamerging")(adamerging_command)
+    from loramerge.cli.data import calibrate_command  # issue 11: statistics for the data-informed methods
+
+    app.command("calibrate")(calibrate_command)
 
 
 _mount_subcommands()

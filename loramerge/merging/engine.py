@@ -21,6 +21,7 @@ from loramerge.errors import IncompatibleAdaptersError, NumericalError, RecipeEr
 from loramerge.io.card import model_card
 from loramerge.io.writer import OutputModule, build_lora_config, check_output_path, write_adapter
 from loramerge.merging.methods import Dense, MergeMethod, ModuleInputs, get_method
+from loramerge.merging.methods.data import build_post
 from loramerge.merging.recipe import AdapterEntry, Recipe, load_recipe, parse_recipe, recipe_to_yaml
 from loramerge.version import __version__
 
@@ -197,6 +198,11 @@ def run_merge(
     context = None
     if method.prepare is not None and not recipe.factorwise:
         context = method.prepare(cfg, lambda: (module_inputs(n) for n in module_names))
+    if method.needs_calibration:  # issue 11: calibration statistics (checked against these adapters) as the context
+        from loramerge.data.statistics import statistics_for
+
+        context = statistics_for(recipe, adapters, need=method.data, show_progress=show_progress)
+    post = build_post(recipe.post, module_names)  # issue 11: `post: lines` (LiNeS) scales every merged delta
     out_modules: list[OutputModule] = []
     reports: list[ModuleReport] = []
     for name in progress_bar(module_names, description=f"merging ({method.name})", enabled=show_progress):
@@ -204,6 +210,7 @@ def run_merge(
         factors = inputs.factors
         try:
             result = fn(cfg, inputs)
+            result = post(name, result) if post is not None else result
         except ValueError as exc:
             raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
                               fix="change the adapters' weights or the method's parameters "
