@@ -42,6 +42,13 @@ log = logging.getLogger("loramerge.data.tune")
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "magnitude_prune", "tsv", "iso_c")
 PARAMETER_RANGES: dict[str, tuple[float, float]] = {"lambda": (0.1, 1.5), "density": (0.05, 0.95)}
 """The searched knobs of any method whose config has them (by alias or name); others keep their defaults."""
+METHOD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "regmean": {"alpha": (0.0, 1.0)},
+    "lines": {"alpha": (0.0, 1.0), "beta": (0.0, 1.0)},
+}
+"""Knobs searched for one method only (e.g. RegMean's off-diagonal scale, LiNeS's alpha and beta)."""
+POST_RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0)}
+"""LiNeS as a post-step (``post: lines``) on any method's merge, when ``SearchSpace.post``."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,15 @@ class SearchSpace:
     """Also search one weight per adapter (in ``weight_range``)."""
     weight_range: tuple[float, float] = (0.0, 1.5)
     rank: str | int = "auto"
+    post: bool = False
+    """Also search LiNeS as a post-step (``post: lines``, alpha and beta) on every method."""
 
-    def knobs(self, method: str) -> list[str]:
+    def knobs(self, method: str) -> dict[str, tuple[float, float]]:
+        """The searched parameters of ``method`` and their ranges."""
+        name = get_method(method).name
         fields = get_method(method).config_cls.model_fields
         names = {f.alias or n for n, f in fields.items()}
-        return [k for k in PARAMETER_RANGES if k in names]
+        return {**{k: r for k, r in PARAMETER_RANGES.items() if k in names}, **METHOD_RANGES.get(name, {})}
 
 
 @dataclass
@@ -67,12 +78,41 @@ class PrepareContext:
     adapters: list[Path]
     names: list[str]
     tasks: list[ValidationTask]
+    examples: Examples
     cache_dir: Path
     seed: int = 0
     show_progress: bool = False
 
 
 Preparer = Callable[[PrepareContext], dict]
+"""Returns recipe fields for a data method: ``{"parameters": {...}}`` and/or e.g. ``{"calibration": DIR}``."""
+
+
+def calibration_preparer(need: str) -> Preparer:
+    """RegMean / Fisher: calibration statistics of each adapter on its validation prompts (once, cached)."""
+
+    def prepare(ctx: PrepareContext) -> dict:
+        from loramerge.data.calibration import calibrate
+        from loramerge.data.statistics import MANIFEST
+
+        target = ctx.cache_dir / f"calibration-{need}"
+        if not (target / MANIFEST).is_file():
+            calibrate((ctx.model, ctx.tokenizer), dict(zip(ctx.names, ctx.adapters)), ctx.examples, target,
+                      fisher=need == "fisher", force=target.exists(), show_progress=ctx.show_progress)
+        return {"calibration": str(target)}
+
+    prepare.key = need  # type: ignore[attr-defined]
+    return prepare
+
+
+def default_preparers(methods: Sequence[str]) -> dict[str, Preparer]:
+    """The core's preparers for the calibration methods among ``methods`` (AdaMerging's comes from routers)."""
+    out = {}
+    for name in methods:
+        method = get_method(name)
+        if method.needs_calibration:
+            out[method.name] = calibration_preparer(method.data)
+    return out
 
 
 @dataclass
@@ -158,7 +198,9 @@ def check_budget(trials: int | None, minutes: float | None) -> None:
         raise RecipeError("the tuning budget is zero", fix="give --trials N (N >= 1) and/or --minutes M (M > 0)")
 
 
-def check_space(space: SearchSpace, preparers: Mapping[str, Preparer]) -> None:
+def check_space(space: SearchSpace, preparers: Mapping[str, Preparer] | None = None) -> None:
+    """Every method known, every data method preparable (the core prepares calibration statistics itself)."""
+    preparers = {**default_preparers(space.methods), **(preparers or {})}
     if not space.methods:
         raise RecipeError("no methods to search", fix="name at least one method (`loramerge methods` lists them)")
     for name in space.methods:
@@ -195,10 +237,11 @@ class Tuner:
         self.paths = [Path(p) for p in adapters]
         self.names = list(names)
         self.space, self.seed, self.top_k, self.batch_size = space, seed, top_k, batch_size
-        self.preparers = dict(preparers or {})
+        self.preparers = {**default_preparers(space.methods), **(preparers or {})}
         self.show_progress = show_progress
         self.cache_dir = Path(cache_dir)
         self.adapters = [load_adapter(p, name=n) for p, n in zip(self.paths, self.names, strict=True)]
+        self.data = data
         self.tasks = [ValidationTask.from_examples(n, data[n]) for n in self.names]
         self.full = [t.encode(tokenizer, max_length) for t in self.tasks]
         self.slice = [e.select(_slice_index(len(e), slice_size, seed, e.task.name)) for e in self.full]
@@ -211,6 +254,7 @@ class Tuner:
         self.prepared: dict[str, dict] = {}
         self.settings = {"slice_size": slice_size, "top_k": top_k, "seed": seed, "methods": list(space.methods),
                          "weights": space.weights, "weight_range": list(space.weight_range), "rank": space.rank,
+                         "post": space.post,
                          "adapters": [str(p) for p in self.paths], "names": self.names,
                          "validation_sizes": {t.name: len(t) for t in self.tasks}}
 
@@ -260,6 +304,7 @@ class Tuner:
             "adapters": [{"path": str(p), "name": n, "weight": float(w)}
                          for p, n, w in zip(self.paths, self.names, weights, strict=True)],
             "rank": self.space.rank, "seed": self.seed,
+            **{k: config[k] for k in ("post", "calibration", "base_model") if config.get(k) is not None},
         })
 
     def merge(self, config: Mapping[str, Any]):
@@ -285,11 +330,13 @@ class Tuner:
         return sum(per_task.values()) / len(per_task), per_task, float(hit["seconds"]), cached
 
     def _resolved(self, config: Mapping[str, Any]) -> dict:
-        """The config with a data method's prepared parameters filled in (what is merged and cached)."""
+        """The config with a data method's prepared recipe fields filled in (what is merged and cached)."""
         method = get_method(config["method"]).name
         if method not in self.preparers:
             return dict(config)
-        return {**config, "parameters": {**self._prepare(method), **config.get("parameters", {})}}
+        prepared = self._prepare(method)
+        params = {**prepared.get("parameters", {}), **config.get("parameters", {})}
+        return {**config, **{k: v for k, v in prepared.items() if k != "parameters"}, "parameters": params}
 
     def _prepare(self, method: str) -> dict:
         if method not in self.prepared:
@@ -299,8 +346,8 @@ class Tuner:
                 self.prepared[method] = json.loads(path.read_text())
             else:
                 log.info("preparing %s (once; cached in %s)", method, path)
-                ctx = PrepareContext(self.model, self.tokenizer, self.paths, self.names, self.tasks, self.cache_dir,
-                                     self.seed, self.show_progress)
+                ctx = PrepareContext(self.model, self.tokenizer, self.paths, self.names, self.tasks, self.data,
+                                     self.cache_dir, self.seed, self.show_progress)
                 params = self.preparers[method](ctx)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(params))
@@ -313,8 +360,10 @@ class Tuner:
     def suggest(self, trial) -> dict:
         """One configuration from an Optuna trial (parameters conditional on the method)."""
         method = trial.suggest_categorical("method", list(self.space.methods))
-        params = {k: trial.suggest_float(f"{method}.{k}", *PARAMETER_RANGES[k]) for k in self.space.knobs(method)}
+        params = {k: trial.suggest_float(f"{method}.{k}", *r) for k, r in self.space.knobs(method).items()}
         config: dict[str, Any] = {"method": method, "parameters": params}
+        if self.space.post and trial.suggest_categorical("post", ["none", "lines"]) == "lines":
+            config["post"] = {"lines": {k: trial.suggest_float(f"post.lines.{k}", *r) for k, r in POST_RANGES.items()}}
         if self.space.weights and method not in self.preparers:
             config["weights"] = [trial.suggest_float(f"w.{n}", *self.space.weight_range) for n in self.names]
         else:
@@ -431,20 +480,10 @@ class _TrialProgress:
 
 
 def load_causal_lm(base: str | Path):
-    """The base model (float32, eval mode) and its tokenizer (pad token = eos when it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model (float32, eval mode) and its tokenizer: the calibration's loader."""
+    from loramerge.data.calibration import load_base_model
 
-    from loramerge.errors import BaseModelError
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-        model = AutoModelForCausalLM.from_pretrained(str(base)).float().eval()
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot load the base model: {exc}", path=str(base),
-                             fix="pass --base with the model directory (or hub id) the adapters were trained on") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_base_model(base)
 
 
 def base_model_of(adapters: Sequence[Path]) -> str:

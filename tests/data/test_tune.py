@@ -175,3 +175,21 @@ def test_cli_end_to_end_and_refuses_a_finished_tune(world, tmp_path, llama_dir):
     forced = _cli(world, out, "--trials", "4", "--base", str(llama_dir), "--force")
     assert forced.exit_code == 0, forced.output
     assert len(json.loads((out / "report.json").read_text())["trials"]) == 4
+
+
+def test_calibration_methods_and_lines_post_step(world, tmp_path):
+    space = SearchSpace(methods=("task_arithmetic", "regmean", "fisher", "lines"), post=True)
+    tuner = _tuner(world, tmp_path / "cache", space=space)
+    for config in ({"method": "regmean", "parameters": {"alpha": 0.5}}, {"method": "fisher", "parameters": {}},
+                   {"method": "lines", "parameters": {"alpha": 0.3, "beta": 0.6}},
+                   {"method": "task_arithmetic", "parameters": {"lambda": 0.5}, "post": {"lines": {"alpha": 0.2, "beta": 0.5}}}):
+        score, per_task, _, cached = tuner.evaluate({**config, "weights": [1.0, 1.0]})
+        assert 0 < score < 2 and not cached and set(per_task) == {"a", "b"}
+    assert sorted(p.name for p in (tmp_path / "cache").glob("calibration-*")) == ["calibration-fisher", "calibration-gram"]
+    # LiNeS as a post-step changes the merge; the same config is cached
+    plain = tuner.evaluate({"method": "task_arithmetic", "parameters": {"lambda": 0.5}, "weights": [1.0, 1.0]})
+    post = tuner.evaluate({"method": "task_arithmetic", "parameters": {"lambda": 0.5}, "weights": [1.0, 1.0],
+                           "post": {"lines": {"alpha": 0.2, "beta": 0.5}}})
+    assert post[3] and not plain[3] and post[0] != plain[0]
+    result = tuner.run(trials=5)
+    assert len(result.trials) == 5
