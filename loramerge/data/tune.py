@@ -13,10 +13,9 @@ models continuous parameters only, so Optuna samples the method for it at random
 SQLite file and every score in a content-keyed cache, so an interrupted search resumes where it stopped
 and a configuration already scored is never scored again.
 
-Methods that need more than the adapters (registry field ``data`` other than "none", e.g. AdaMerging's
-learned coefficients) take part through a *preparer*: a function the application passes in
-(``loramerge.cli.tune`` wires ``loramerge.routers.adamerging.tune_preparer``), run once, cached, whose
-result becomes the method's recipe parameters. The core never imports the routers.
+Methods that need more than the adapters (registry field ``data`` other than "none") take part through
+a *preparer* (``loramerge.data.search``), run once and cached, whose result (calibration statistics for
+RegMean and Fisher, AdaMerging's learned coefficients) fills the method's recipe.
 """
 
 from __future__ import annotations
@@ -34,86 +33,20 @@ from typing import Any
 
 from loramerge.data.examples import Examples, fingerprint, read_examples
 from loramerge.data.scoring import ValidationTask, patched
-from loramerge.errors import DataError, NumericalError, OutputError, RecipeError
+from loramerge.data.search import (
+    DEFAULT_METHODS,
+    POST_RANGES,
+    PrepareContext,
+    Preparer,
+    SearchSpace,
+    check_budget,
+    check_space,
+    default_preparers,
+)
+from loramerge.errors import NumericalError, OutputError, RecipeError
 from loramerge.merging.methods import get_method
 
 log = logging.getLogger("loramerge.data.tune")
-
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "magnitude_prune", "tsv", "iso_c")
-PARAMETER_RANGES: dict[str, tuple[float, float]] = {"lambda": (0.1, 1.5), "density": (0.05, 0.95)}
-"""The searched knobs of any method whose config has them (by alias or name); others keep their defaults."""
-METHOD_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "regmean": {"alpha": (0.0, 1.0)},
-    "lines": {"alpha": (0.0, 1.0), "beta": (0.0, 1.0)},
-}
-"""Knobs searched for one method only (e.g. RegMean's off-diagonal scale, LiNeS's alpha and beta)."""
-POST_RANGES = {"alpha": (0.0, 1.0), "beta": (0.0, 1.0)}
-"""LiNeS as a post-step (``post: lines``) on any method's merge, when ``SearchSpace.post``."""
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    weights: bool = True
-    """Also search one weight per adapter (in ``weight_range``)."""
-    weight_range: tuple[float, float] = (0.0, 1.5)
-    rank: str | int = "auto"
-    post: bool = False
-    """Also search LiNeS as a post-step (``post: lines``, alpha and beta) on every method."""
-
-    def knobs(self, method: str) -> dict[str, tuple[float, float]]:
-        """The searched parameters of ``method`` and their ranges."""
-        name = get_method(method).name
-        fields = get_method(method).config_cls.model_fields
-        names = {f.alias or n for n, f in fields.items()}
-        return {**{k: r for k, r in PARAMETER_RANGES.items() if k in names}, **METHOD_RANGES.get(name, {})}
-
-
-@dataclass
-class PrepareContext:
-    """What a preparer gets: the base model, the adapters, the validation tasks, a cache directory."""
-
-    model: Any
-    tokenizer: Any
-    adapters: list[Path]
-    names: list[str]
-    tasks: list[ValidationTask]
-    examples: Examples
-    cache_dir: Path
-    seed: int = 0
-    show_progress: bool = False
-
-
-Preparer = Callable[[PrepareContext], dict]
-"""Returns recipe fields for a data method: ``{"parameters": {...}}`` and/or e.g. ``{"calibration": DIR}``."""
-
-
-def calibration_preparer(need: str) -> Preparer:
-    """RegMean / Fisher: calibration statistics of each adapter on its validation prompts (once, cached)."""
-
-    def prepare(ctx: PrepareContext) -> dict:
-        from loramerge.data.calibration import calibrate
-        from loramerge.data.statistics import MANIFEST
-
-        target = ctx.cache_dir / f"calibration-{need}"
-        if not (target / MANIFEST).is_file():
-            calibrate((ctx.model, ctx.tokenizer), dict(zip(ctx.names, ctx.adapters)), ctx.examples, target,
-                      fisher=need == "fisher", force=target.exists(), show_progress=ctx.show_progress)
-        return {"calibration": str(target)}
-
-    prepare.key = need  # type: ignore[attr-defined]
-    return prepare
-
-
-def default_preparers(methods: Sequence[str]) -> dict[str, Preparer]:
-    """The core's preparers for the calibration methods among ``methods`` (AdaMerging's comes from routers)."""
-    out = {}
-    for name in methods:
-        method = get_method(name)
-        if method.needs_calibration:
-            out[method.name] = calibration_preparer(method.data)
-    return out
-
 
 @dataclass
 class Trial:
@@ -189,28 +122,6 @@ class ScoreCache:
         self.entries[key] = row
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-
-
-def check_budget(trials: int | None, minutes: float | None) -> None:
-    if (trials is not None and trials < 0) or (minutes is not None and minutes < 0):
-        raise RecipeError("a negative budget", fix="give --trials N >= 1 and/or --minutes M > 0")
-    if (trials is None or trials <= 0) and (minutes is None or minutes <= 0):
-        raise RecipeError("the tuning budget is zero", fix="give --trials N (N >= 1) and/or --minutes M (M > 0)")
-
-
-def check_space(space: SearchSpace, preparers: Mapping[str, Preparer] | None = None) -> None:
-    """Every method known, every data method preparable (the core prepares calibration statistics itself)."""
-    preparers = {**default_preparers(space.methods), **(preparers or {})}
-    if not space.methods:
-        raise RecipeError("no methods to search", fix="name at least one method (`loramerge methods` lists them)")
-    for name in space.methods:
-        method = get_method(name)
-        if method.data != "none" and method.name not in preparers:
-            raise RecipeError(f"method '{method.name}' needs data ({method.data}) that tune cannot prepare here",
-                              fix="drop it from --methods, or run it through the `loramerge tune` command")
-    low, high = space.weight_range
-    if not 0 <= low < high:
-        raise RecipeError(f"bad weight range {space.weight_range}", fix="give 0 <= low < high")
 
 
 def read_validation(source: Any, names: Sequence[str]) -> Examples:
@@ -497,13 +408,6 @@ def base_model_of(adapters: Sequence[Path]) -> str:
     return str(bases.pop())
 
 
-def check_tasks(names: Sequence[str], data: Mapping[str, Sequence]) -> None:
-    missing = [n for n in names if n not in data or not data[n]]
-    if missing:
-        raise DataError(f"no validation examples for adapters {missing}",
-                        fix="give every adapter's task some validation examples")
-
-
 def check_output(output: Path, force: bool) -> None:
     """Refuse to overwrite a finished tune; allow resuming an interrupted one (a cache and nothing else)."""
     output = Path(output)
@@ -515,3 +419,8 @@ def check_output(output: Path, force: bool) -> None:
             raise OutputError("the output directory holds a finished tune (or other files)", path=str(output),
                               fix="choose a new --output, or pass --force to replace the results "
                               "(the cache is kept, so scored configurations are not scored again)")
+
+
+__all__ = ["DEFAULT_METHODS", "PrepareContext", "Preparer", "SearchSpace", "Trial", "TuneResult", "Tuner",
+           "base_model_of", "canonical", "check_budget", "check_output", "check_space", "default_config",
+           "default_preparers", "load_causal_lm", "read_validation"]
