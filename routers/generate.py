@@ -10,8 +10,9 @@ import torch
 
 from loramerge.errors import RecipeError
 
-from .gated import GatedLora, WeightsLike
-from .request import Router, ensure_pad_token
+from .base import Router
+from .controller import GatedLora, WeightsLike
+from .lm_loss import ensure_pad_token
 
 
 @dataclass
@@ -63,8 +64,7 @@ def generate_routed(
         context = contextlib.nullcontext(None)
     model = controller.model
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     with torch.no_grad(), context as used:
@@ -77,7 +77,7 @@ def generate_routed(
 @contextlib.contextmanager
 def _weights_context(controller: GatedLora, weights: WeightsLike):
     with controller.use_weights(weights):
-        yield controller.state.weights
+        yield controller.current_weights()
 
 
 __all__ = ["RoutedGeneration", "generate_routed"]

@@ -114,6 +114,10 @@ def serve(
     from .server import create_app
 
     try:
+        from loramerge.cli.options import check_choice
+
+        check_choice(backend, ("auto", "vllm", "peft"), "--backend")
+        check_choice(base_rows, ("auto", "zero-adapter", "none"), "--base-rows")
         engine = build_engine(
             base=base, adapters=parse_adapter_pairs(adapters), roots=list(adapter_root),
             router=load_router(router, base) if router else None, backend=backend, served_name=served_name,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramerge.cli.common import console, err_console, fail
-from loramerge.errors import LoramergeError
+from loramerge.cli.common import console, err_console, fail, json_safe
+from loramerge.cli.options import check_device, check_writable_file, parse_method_params, parse_rank, parse_weights
+from loramerge.errors import LoramergeError, OutputError
 
 app = typer.Typer(
     name="loramerge", no_args_is_help=True, add_completion=False,
@@ -71,15 +71,13 @@ def merge(
     from loramerge.merging.recipe import load_recipe, parse_recipe
 
     try:
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LoramergeError("--device cuda asked for, but no CUDA device is available", fix="use --device cpu")
+        check_device(device)
+        rank_value = parse_rank(rank)
+        check_writable_file(report, "--report")
         parsed = load_recipe(recipe)
         overrides: dict = {}
         if rank is not None:
-            overrides["rank"] = {"energy": float(rank.split(":", 1)[1])} if rank.startswith("energy:") else rank
+            overrides["rank"] = rank_value
         if dtype is not None:
             overrides["dtype"] = dtype
         if seed is not None:
@@ -99,7 +97,11 @@ def merge(
         f"total rank {result.total_rank}, max rel. error {result.max_rel_error:.2e})"
     )
     if report is not None:
-        report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        try:
+            report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        except OSError as exc:
+            fail(OutputError(f"the adapter was written to {result.output}, but not the report: {exc}",
+                             path=str(report), fix="the adapter is complete; rerun with a writable --report path"))
 
 
 @app.command()
@@ -121,7 +123,9 @@ def inspect(
         fail(exc)
         return
     if as_json:
-        print(json.dumps({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, indent=2))
+        non_finite: list[str] = []  # NaN/Inf statistics become null, and their JSON paths are listed
+        body = json_safe({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, non_finite)
+        print(json.dumps({**body, "non_finite": non_finite}, indent=2, allow_nan=False))
         return
     table = Table(title="adapters")
     for col in ("name", "base model", "r", "alpha", "rsLoRA", "modules", "total rank", "params", "dtype",
@@ -188,6 +192,7 @@ def compare(
     params: str | None = typer.Option(None, help='Per-method parameters as JSON: {"ties": {"density": 0.3}}.'),
     base: Path | None = typer.Option(None, help="Base model directory, to also measure task loss."),
     data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} lines for the task loss (needs --base).'),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier comparison's files in --output."),
 ) -> None:
     """Merge the same adapters with several methods and compare rank, size, error, time (and task loss)."""
     from loramerge.analysis.compare import (
@@ -200,10 +205,10 @@ def compare(
     )
 
     try:
-        per_method = json.loads(params) if params else {}
-        runs = [(m.strip(), {"rank": rank, "parameters": per_method.get(m.strip(), {})})
+        per_method = parse_method_params(params)
+        runs = [(m.strip(), {"rank": parse_rank(rank), "parameters": per_method.get(m.strip(), {})})
                 for m in methods_.split(",") if m.strip()]
-        w = [float(x) for x in weights.split(",")] if weights else None
+        w = parse_weights(weights, len(adapters))
         evaluator = None
         if (base is None) != (data is None):
             raise LoramergeError("--base and --data go together", fix="give both, or neither")
@@ -211,7 +216,7 @@ def compare(
         if base is not None and data is not None:
             evaluator = LossEvaluator(base, load_task_texts(data))
             rows.append(CompareRow("base model (no adapter)", losses=evaluator(None), reference=True))
-        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w)
+        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w, force=force)
     except (ValueError, json.JSONDecodeError) as exc:
         fail(LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help"))
         return
@@ -284,12 +289,15 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+def run_app() -> None:
+    app()
+
+
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]: nothing was written at the output path")
-        sys.exit(130)
+    """Kept for ``python -m loramerge.cli.app``; the console script is ``loramerge.cli.entry:main``."""
+    from loramerge.cli.entry import main as entry_main
+
+    entry_main()
 
 
 if __name__ == "__main__":

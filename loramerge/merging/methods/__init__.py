@@ -9,15 +9,13 @@ from loramerge.merging.methods.adamerging import ADAMERGING
 from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs
 from loramerge.merging.methods.data import FISHER, LINES, REGMEAN
 from loramerge.merging.methods.elementwise import BREADCRUMBS, DARE_LINEAR, DARE_TIES, DELLA, MAGNITUDE_PRUNE, TIES
-from loramerge.merging.methods.factorwise import factorwise
+from loramerge.merging.methods.factorwise import FACTORWISE_METHODS, factorwise
 from loramerge.merging.methods.knots import KNOTS
 from loramerge.merging.methods.lego import LORA_LEGO
 from loramerge.merging.methods.linear import AVERAGE, CAT, TASK_ARITHMETIC
 from loramerge.merging.methods.spectral import ISO_C, ISO_CTS, STAR, TSV
 
 __all__ = ["Dense", "Factored", "MergeMethod", "MethodConfig", "ModuleInputs", "REGISTRY", "get_method", "register_method"]
-
-_FACTORWISE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 REGISTRY: dict[str, MergeMethod] = {}
 _ALIASES: dict[str, str] = {}
@@ -47,7 +45,7 @@ def get_method(name: str) -> MergeMethod:
 def _with_factorwise(method: MergeMethod) -> MergeMethod:
     from dataclasses import replace
 
-    return replace(method, factorwise=factorwise(method.name)) if method.name in _FACTORWISE else method
+    return replace(method, factorwise=factorwise(method.name)) if method.name in FACTORWISE_METHODS else method
 
 
 # Built-in methods, one group per file. Add a new file's group here (explicit, no import side effects).

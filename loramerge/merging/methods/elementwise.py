@@ -1,10 +1,13 @@
 """Element-wise merges on delta_W: TIES, DARE, DELLA, Model Breadcrumbs, magnitude pruning.
 
-Each densifies one module at a time and streams over the adapters: one reused
-buffer holds the current adapter's dense delta, and at most about 2.5 dense
-deltas live at once (never all of them). Element-wise steps run chunk by chunk
-(``ops.CHUNK_ELEMENTS``) so their temporaries stay small. The result goes back
-to low rank through the rank policy. User weights multiply the task vectors before
+Each densifies one module at a time, one row block at a time (``ops.BLOCK_ELEMENTS``): for each block, every
+adapter's block of ``w_t B_t A_t`` is formed, sparsified and accumulated while it is in cache, then the block
+of the result is written. Statistics over a whole task vector (TIES's top-k threshold, Breadcrumbs' band) come
+first, from an exact blocked order-statistic pass over the product (``kth_smallest_abs_of_product``). So one
+pass over the adapters does what used to take two (the sign election keeps the positive and negative sums and
+counts per entry, and picks one of them once the mass is known), and only the result is ever a whole dense
+matrix. The non-default TIES options (``merge_func: max``, ``majority_sign: frequency``) keep the two-pass form
+below. The result goes back to low rank through the rank policy. User weights multiply the task vectors before
 the method sees them (``tau_t = w_t * B_t A_t``), so with unit weights each
 function is the paper's algorithm on that module.
 """
@@ -18,15 +21,18 @@ import torch
 from pydantic import Field, model_validator
 
 from loramerge.core.ops import (
-    band_mask,
+    BLOCK_ELEMENTS,
     chunked_drop,
     elect_sign_int8,
     flat_chunks,
     generator_for,
+    kth_smallest_abs_of_product,
     magprune_keep_probs,
     random_drop_,
     replay_drop_,
+    row_blocks,
     topk_threshold,
+    topk_threshold_of_product,
     zero_below_,
 )
 from loramerge.merging.methods.base import Dense, MergeMethod, MethodConfig, ModuleInputs
@@ -43,19 +49,6 @@ def _dense(inputs: ModuleInputs, t: int, out: torch.Tensor | None = None) -> tor
         out = torch.empty(shape, dtype=f.B.dtype, device=f.B.device)
     torch.matmul(f.B, f.A, out=out)
     return out.mul_(inputs.weights[t])
-
-
-def _weighted_sum(inputs: ModuleInputs, sparsify: Sparsifier) -> torch.Tensor:
-    acc, buf = None, None
-    for t in range(len(inputs.factors)):
-        buf = _dense(inputs, t, buf)
-        d = sparsify(t, buf)
-        if acc is None:
-            acc = d
-            buf = None if d is buf else buf  # the sum now owns that memory
-        else:
-            acc.add_(d)
-    return acc
 
 
 def _sign_resolved_merge(
@@ -106,6 +99,102 @@ def _sign_resolved_merge(
     return acc
 
 
+BlockSparsifier = Callable[[int, torch.Tensor, slice], torch.Tensor]
+"""(adapter position, a row block of w_t B_t A_t, its rows) -> the sparsified block (in place allowed)."""
+
+
+class _Blocks:
+    """Row blocks of each adapter's weighted product ``w_t B_t A_t``, formed into one reused buffer."""
+
+    def __init__(self, inputs: ModuleInputs) -> None:
+        f0 = inputs.factors[0]
+        self.shape = (f0.B.shape[0], f0.A.shape[1])
+        self.dtype = f0.B.dtype
+        self.device = f0.B.device
+        self.B = [f.B * w for f, w in inputs.weighted()]  # d_out x r: weights folded in (small)
+        self.A = [f.A for f in inputs.factors]
+        self.rows = row_blocks(*self.shape)
+        self._buf = torch.empty(BLOCK_ELEMENTS + self.shape[1], dtype=self.dtype, device=self.device)
+
+    def scratch(self, rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty((rows.stop - rows.start, self.shape[1]), dtype=dtype or self.dtype, device=self.device)
+
+    def block(self, t: int, rows: slice) -> torch.Tensor:
+        out = self._buf[: (rows.stop - rows.start) * self.shape[1]].view(rows.stop - rows.start, self.shape[1])
+        return torch.matmul(self.B[t][rows], self.A[t], out=out)
+
+
+def _blocked_sum(inputs: ModuleInputs, sparsify: BlockSparsifier, scale: float) -> torch.Tensor:
+    """``scale * sum_t sparsify(w_t B_t A_t)``, block by block (adapters summed in order, as a dense loop would)."""
+    blocks = _Blocks(inputs)
+    out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    for rows in blocks.rows:
+        acc = out[rows]
+        for t in range(len(inputs.factors)):
+            d = sparsify(t, blocks.block(t, rows), rows)
+            if t == 0:
+                acc.copy_(d)
+            else:
+                acc.add_(d)
+        acc.mul_(scale)
+    return out
+
+
+def _blocked_sign_resolved(
+    inputs: ModuleInputs, sparsify: BlockSparsifier, merge_func: Literal["mean", "sum"], scale: float,
+    denominator: Literal["count", "weight"] = "count",
+) -> torch.Tensor:
+    """TIES's elect-and-fuse with the mass rule, in one pass over the adapters.
+
+    Per block it keeps the mass ``sum_t d_t`` (in the adapters' order, so the elected signs are those of the
+    two-pass form), the sums of the positive and of the negative entries and their counts (or summed |w_t|).
+    Where the mass is positive the result is the positive sum over its count, where negative the negative one:
+    exactly the disjoint mean (or sum) of the entries that agree with the elected sign. Entries whose mass is
+    exactly zero while some entry is not (an exact cancellation) take the sign of the whole mass's sum, which is
+    known only at the end: they are recorded and filled in then.
+    """
+    blocks = _Blocks(inputs)
+    out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    by_weight = denominator == "weight"
+    count_dtype = blocks.dtype if by_weight else (torch.uint8 if len(inputs.factors) < 256 else torch.int32)
+    pending: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    total = 0.0
+    for rows in blocks.rows:
+        mass, pos, neg = blocks.scratch(rows), blocks.scratch(rows), blocks.scratch(rows)
+        n_pos, n_neg = blocks.scratch(rows, count_dtype), blocks.scratch(rows, count_dtype)
+        for t in range(len(inputs.factors)):
+            d = sparsify(t, blocks.block(t, rows), rows)
+            if t == 0:
+                mass.copy_(d)
+                torch.clamp(d, min=0.0, out=pos)
+                torch.clamp(d, max=0.0, out=neg)
+                torch.gt(d, 0, out=n_pos) if not by_weight else torch.mul(d > 0, abs(inputs.weights[t]), out=n_pos)
+                torch.lt(d, 0, out=n_neg) if not by_weight else torch.mul(d < 0, abs(inputs.weights[t]), out=n_neg)
+                continue
+            mass.add_(d)
+            pos.add_(d.clamp(min=0.0))
+            neg.add_(d.clamp(max=0.0))
+            if by_weight:
+                n_pos.add_((d > 0) * abs(inputs.weights[t]))
+                n_neg.add_((d < 0) * abs(inputs.weights[t]))
+            else:
+                n_pos.add_(d > 0)
+                n_neg.add_(d < 0)
+        total += float(mass.sum(dtype=torch.float64))
+        if merge_func == "mean":
+            pos.div_(n_pos.clamp(min=1e-12) if by_weight else n_pos.clamp(min=1).to(pos.dtype))
+            neg.div_(n_neg.clamp(min=1e-12) if by_weight else n_neg.clamp(min=1).to(neg.dtype))
+        target = out[rows]
+        torch.where(mass > 0, pos, neg, out=target)
+        tied = (mass == 0) & ((pos != 0) | (neg != 0))
+        if bool(tied.any()):
+            pending.append((rows, tied, pos[tied].clone(), neg[tied].clone()))
+        target.mul_(scale)
+    for rows, tied, pos_values, neg_values in pending:
+        out[rows][tied] = scale * (pos_values if total >= 0 else neg_values)
+    return out
+
+
 class TiesConfig(MethodConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept by magnitude (paper k=20%)")
     lambda_: float = Field(1.0, alias="lambda", description="scale on the merged vector")
@@ -115,6 +204,13 @@ class TiesConfig(MethodConfig):
 
 def ties(cfg: TiesConfig, inputs: ModuleInputs) -> Dense:
     """TIES: trim each task vector to its top-k magnitudes, elect signs by mass, disjoint mean."""
+    if cfg.majority_sign == "total" and cfg.merge_func != "max":
+        thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
+
+        def trim_block(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+            return d if thresholds[t] is None else zero_below_(d, thresholds[t])
+
+        return Dense(_blocked_sign_resolved(inputs, trim_block, cfg.merge_func, cfg.lambda_))
     thresholds: dict[int, float | None] = {}
 
     def trim(t: int, d: torch.Tensor) -> torch.Tensor:
@@ -137,9 +233,21 @@ class DareTiesConfig(DareConfig):
     majority_sign: Literal["total", "frequency"] = "total"
 
 
+def _dare_blocks(cfg: DareConfig, inputs: ModuleInputs) -> BlockSparsifier:
+    """The seeded random drop, block after block: each adapter's generator is drawn from in memory order, so
+    the mask is the one a single draw over the whole matrix gives (``random_drop_``'s stream)."""
+    device = inputs.factors[0].B.device
+    gens = [generator_for(inputs.seed, "dare", inputs.name, name, device=device) for name in inputs.adapter_names]
+
+    def drop(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        return d if cfg.density >= 1.0 else random_drop_(d, cfg.density, gens[t], cfg.rescale)
+
+    return drop
+
+
 def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) -> Sparsifier:
-    """The seeded random drop. With ``keep_masks`` (two-pass merges), each adapter's mask is kept bit-packed
-    after its first use and replayed on the second: the same mask, without drawing it again."""
+    """The seeded random drop on a whole dense delta (the two-pass form). With ``keep_masks``, each adapter's
+    mask is kept bit-packed after its first use and replayed on the second: the same mask, not drawn again."""
     masks: dict[int, torch.Tensor] = {}
 
     def drop(t: int, d: torch.Tensor) -> torch.Tensor:
@@ -158,11 +266,13 @@ def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) ->
 
 def dare_linear(cfg: DareConfig, inputs: ModuleInputs) -> Dense:
     """DARE: drop entries at random (keep prob. density), rescale, then weighted sum."""
-    return Dense(_weighted_sum(inputs, _dare(cfg, inputs)).mul_(cfg.lambda_))
+    return Dense(_blocked_sum(inputs, _dare_blocks(cfg, inputs), cfg.lambda_))
 
 
 def dare_ties(cfg: DareTiesConfig, inputs: ModuleInputs) -> Dense:
     """DARE's random drop followed by TIES sign election and disjoint mean."""
+    if cfg.majority_sign == "total":
+        return Dense(_blocked_sign_resolved(inputs, _dare_blocks(cfg, inputs), "mean", cfg.lambda_))
     drop = _dare(cfg, inputs, keep_masks=True)
     return Dense(_sign_resolved_merge(inputs, drop, "mean", cfg.majority_sign).mul_(cfg.lambda_))
 
@@ -182,17 +292,17 @@ class DellaConfig(MethodConfig):
 
 def della(cfg: DellaConfig, inputs: ModuleInputs) -> Dense:
     """DELLA (MAGPRUNE): magnitude-ranked keep probabilities per row, 1/p rescale, elect, weighted fuse."""
+    device = inputs.factors[0].B.device
+    gens = [generator_for(inputs.seed, "della", inputs.name, name, device=device) for name in inputs.adapter_names]
 
-    def magprune(t: int, d: torch.Tensor) -> torch.Tensor:
-        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)
-        gen = generator_for(inputs.seed, "della", inputs.name, inputs.adapter_names[t], device=d.device)
-        keep = torch.bernoulli(probs, generator=gen).bool()
+    def magprune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)  # per row: a block of rows is enough
+        keep = torch.bernoulli(probs, generator=gens[t]).bool()
         return torch.where(keep, d / probs, 0.0)
 
     if not cfg.elect_sign:
-        return Dense(cfg.lambda_ * _weighted_sum(inputs, magprune))
-    merged = _sign_resolved_merge(inputs, magprune, "mean", "total", denominator="weight")
-    return Dense(cfg.lambda_ * merged)
+        return Dense(_blocked_sum(inputs, magprune, cfg.lambda_))
+    return Dense(_blocked_sign_resolved(inputs, magprune, "mean", cfg.lambda_, denominator="weight"))
 
 
 class BreadcrumbsConfig(MethodConfig):
@@ -210,13 +320,29 @@ class BreadcrumbsConfig(MethodConfig):
 
 def breadcrumbs(cfg: BreadcrumbsConfig, inputs: ModuleInputs) -> Dense:
     """Model Breadcrumbs: mask out outliers and small entries per task, then sum."""
+    f0 = inputs.factors[0]
+    n = f0.d_out * f0.d_in
+    n_top, n_keep = int(cfg.gamma * n), int(cfg.density * n)
+    lowest = n - n_top - n_keep + 1  # ascending rank of the smallest entry kept (as ``ops.band_mask``)
+    bands: list[tuple[float, float] | None] = []
+    for f, w in inputs.weighted():
+        if n_keep <= 0 or n_top >= n:
+            bands.append(None)
+            continue
+        ranks = [n - n_top] + ([lowest] if lowest > 1 else [])
+        values = kth_smallest_abs_of_product(f.B * w, f.A, ranks)
+        bands.append((values[1] if lowest > 1 else 0.0, values[0]))
 
-    def band(t: int, d: torch.Tensor) -> torch.Tensor:
-        return d.masked_fill_(~band_mask(d, cfg.density, cfg.gamma), 0.0)
+    def band(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        if bands[t] is None:
+            return d.zero_()
+        lo, hi = bands[t]
+        a = d.abs()
+        return d.mul_((a <= hi) & (a >= lo))
 
     if cfg.sign_election:
-        return Dense(cfg.lambda_ * _sign_resolved_merge(inputs, band, "mean", "total"))
-    return Dense(cfg.lambda_ * _weighted_sum(inputs, band))
+        return Dense(_blocked_sign_resolved(inputs, band, "mean", cfg.lambda_))
+    return Dense(_blocked_sum(inputs, band, cfg.lambda_))
 
 
 class MagnitudePruneConfig(MethodConfig):
@@ -226,12 +352,12 @@ class MagnitudePruneConfig(MethodConfig):
 
 def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
     """Keep each task vector's largest entries, then weighted sum."""
+    thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
 
-    def prune(t: int, d: torch.Tensor) -> torch.Tensor:
-        thr = topk_threshold(d, cfg.density)
-        return d if thr is None else zero_below_(d, thr)
+    def prune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        return d if thresholds[t] is None else zero_below_(d, thresholds[t])
 
-    return Dense(_weighted_sum(inputs, prune).mul_(cfg.lambda_))
+    return Dense(_blocked_sum(inputs, prune, cfg.lambda_))
 
 
 TIES = MergeMethod(

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from loramerge.core.ops import bernoulli_mask, generator_for, magnitude_mask
 from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
+
+FACTORWISE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+"""The methods with a PEFT factor-wise variant (``factorwise: true``): the one list."""
 
 Combine = Callable[[list[torch.Tensor], list[float], torch.Generator], torch.Tensor]
 
@@ -64,6 +68,12 @@ def factorwise(method: str) -> Callable[[MethodConfig, ModuleInputs], Factored]:
     """The factor-wise (PEFT) variant of ``method``."""
 
     def run(cfg: MethodConfig, inputs: ModuleInputs) -> Factored:
+        # An adapter without the module arrives as rank-0 factors (a zero task vector); in factor space its
+        # zero A and B add nothing to any combiner (sum, sign election, disjoint mean), so it is left out.
+        present = [i for i, f in enumerate(inputs.factors) if f.rank]
+        inputs = replace(inputs, factors=tuple(inputs.factors[i] for i in present),
+                         weights=tuple(inputs.weights[i] for i in present),
+                         adapter_names=tuple(inputs.adapter_names[i] for i in present))
         ranks = set(inputs.ranks)
         if len(ranks) != 1:
             raise ValueError(

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from loramerge.core.ops import generator_for
 from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
-
-if TYPE_CHECKING:
-    from loramerge.merging.engine import MergeResult
 
 _WORK = torch.float64
 
@@ -222,18 +218,6 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
         scale *= target / current if current > 0 else 0.0
     out_dtype = inputs.factors[0].B.dtype
     return Factored(B=(B * scale).to(out_dtype), A=A.to(out_dtype))
-
-
-def shrink_adapter(adapter: str | Path, k: int, output: str | Path | None = None, *, force: bool = False,
-                   seed: int = 0, **parameters: Any) -> MergeResult:
-    """Prune one adapter to rank k by clustering its own rank units (LoRA-LEGO's pruning use).
-
-    ``parameters`` are LegoConfig fields (e.g. ``output_reweight="none"``).
-    """
-    from loramerge.merging.engine import merge
-
-    return merge(adapters=[adapter], method="lora_lego", parameters={"k": k, **parameters},
-                 output=output, force=force, seed=seed)
 
 
 LORA_LEGO = MergeMethod(
