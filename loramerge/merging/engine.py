@@ -23,8 +23,8 @@ from loramerge.core.progress import progress_bar
 from loramerge.errors import NumericalError, RecipeError
 from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
+from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 from loramerge.merging.methods.core_space import method_function
-from loramerge.merging.methods.factorwise import FACTORWISE_METHODS
 from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
@@ -51,6 +51,12 @@ class MergePlan:
     seed: int = 0
     space: str = "dense"
     """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
+    context: Any = None
+    """Given to every module as ``ModuleInputs.context`` instead of a ``prepare`` pass: the calibration
+    statistics of a data-informed method (issue 11; ``run_merge`` builds them from the recipe)."""
+    post: Any = None
+    """A step applied to every merged delta before the rank policy, ``(module, result) -> result``: the
+    recipe's ``post: lines`` (LiNeS, issue 11)."""
 
     @classmethod
     def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
@@ -134,7 +140,7 @@ def _overflow_error(inputs: ModuleInputs, method: str, what: str) -> NumericalEr
 
 def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
     if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed)
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
     return compress_factored(result.B, result.A, policy, ranks)
 
 
@@ -145,11 +151,13 @@ def merge_modules(
     modules: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
+    context: Any = None,
 ) -> Iterator[MergedModule]:
     """Merge module by module (natural order), yielding each output module with its report.
 
     Runs the method's ``prepare`` pass (global statistics) first when it has one. Only one module's
-    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``.
+    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``. ``context``: what
+    the method reads instead of a ``prepare`` pass (calibration statistics for the data-informed methods).
     """
     import torch
 
@@ -158,13 +166,14 @@ def merge_modules(
     method = plan.method
     fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
-    context = None
-    if method.prepare is not None and not plan.factorwise:
+    context = context if context is not None else plan.context
+    if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
     for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):
         inputs = module_inputs(adapters, plan, name, device=device, context=context)
         try:
             result = fn(plan.config, inputs)
+            result = plan.post(name, result) if plan.post is not None else result
         except ValueError as exc:
             raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
                               fix="change the adapters' weights or the method's parameters "
@@ -248,6 +257,7 @@ def run_merge(
                                    allow_pickle=recipe.allow_pickle, base_model=recipe.base_model)
     elif not isinstance(adapters, AdapterSet):
         adapters = AdapterSet.of(adapters, names=names, base_model=recipe.base_model)
+    plan = _with_data(plan, recipe, adapters, show_progress)
     merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress))
     out_modules = [m.module for m in merged]
     from loramerge.core.dtypes import to_torch
@@ -258,6 +268,25 @@ def run_merge(
         config=adapters.lora_config(out_modules, base_model=recipe.base_model), dtype=dtype,
         seconds=time.perf_counter() - started, adapters=list(adapters), adapter_set=adapters,
     )
+
+
+def _with_data(plan: MergePlan, recipe: Recipe, adapters: AdapterSet, show_progress: bool) -> MergePlan:
+    """Issue 11: the calibration statistics of a data-informed method (checked against these adapters, refused
+    when stale) and the recipe's post-step, attached to the plan."""
+    from dataclasses import replace
+
+    from loramerge.merging.recipe import NEEDS_STATISTICS
+
+    if plan.method.data in NEEDS_STATISTICS:
+        from loramerge.data.statistics import statistics_for
+
+        plan = replace(plan, context=statistics_for(recipe, list(adapters), need=plan.method.data,
+                                                    show_progress=show_progress, config=plan.config))
+    if recipe.post is not None:
+        from loramerge.merging.methods.lines import build_post
+
+        plan = replace(plan, post=build_post(recipe.post, list(adapters.module_names)))
+    return plan
 
 
 def _as_recipe(

@@ -12,16 +12,15 @@ name, then by adapter name.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field
 
 from loramerge.core.factored import concat_factors
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
+from loramerge.merging.methods.lines import layer_index
 
 Granularity = Literal["task", "layer", "module"]
-_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def coefficient_group(module: str, granularity: Granularity) -> str:
@@ -32,9 +31,9 @@ def coefficient_group(module: str, granularity: Granularity) -> str:
     if granularity == "task":
         return "all"
     if granularity == "layer":
-        match = _BLOCK.search(module)
-        if match:
-            return match.group(1)
+        index = layer_index(module)
+        if index is not None:
+            return str(index)
     return module
 
 
@@ -60,11 +59,3 @@ def adamerging(cfg: AdaMergingConfig, inputs: ModuleInputs) -> Factored:
                              "(learn them with `loramerge adamerging`, or set parameters.default)")
     B, A = concat_factors(inputs.factors, [w * lam for w, lam in zip(inputs.weights, lambdas)])
     return Factored(B=B, A=A)
-
-
-ADAMERGING = MergeMethod(
-    name="adamerging", config_cls=AdaMergingConfig, fn=adamerging, kind="factored", exact=True, data="prompts",
-    paper="AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024)",
-    url="https://arxiv.org/abs/2310.02575",
-    summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
-)
