@@ -82,3 +82,9 @@ class HubError(LoramergeError):
     """A Hugging Face Hub call failed (login, permissions, repository id, network)."""
 
     exit_code = 9
+
+
+class DataError(RecipeError):
+    """A data file (texts, validation examples) or calibration statistics are missing, malformed or stale."""
+
+    exit_code = 2

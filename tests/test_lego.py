@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_peft_forward
 
 from loramerge import load_adapter, merge
+from loramerge.artifacts.shrink import shrink_adapter
 from loramerge.core.adapter import LoraFactors
-from loramerge.demo.toy import assert_peft_forward
 from loramerge.errors import RecipeError
 from loramerge.merging.methods import ModuleInputs, get_method
 from loramerge.merging.methods.lego import (
@@ -19,7 +20,6 @@ from loramerge.merging.methods.lego import (
     kmeans,
     lego_merge,
     lora_lego,
-    shrink_adapter,
 )
 
 EXACT = {"parameter_reweight": False, "output_reweight": "none"}

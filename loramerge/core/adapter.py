@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -240,6 +242,8 @@ class LoraAdapter:
     dtype: torch.dtype = torch.float32
     allow_pickle: bool = False
     _pickled: dict | None = field(default=None, repr=False)
+    _layout: dict[str, TensorLayout] = field(default_factory=dict, repr=False)
+    _file: _TensorFile | None = field(default=None, repr=False)
 
     @property
     def base_model(self) -> str | None:
@@ -261,30 +265,101 @@ class LoraAdapter:
         return digest.hexdigest()
 
     def _read(self, key: str) -> torch.Tensor:
+        """One tensor, read from the weight file opened once for the adapter's life (a positioned read of
+        exactly its bytes, at the offset the header gave; no re-parse of the header, no re-open)."""
         if self._pickled is not None:
             return self._pickled[key]
-        from safetensors import safe_open
-
+        layout = self._layout.get(key)
+        if layout is None:  # built by hand without a layout: fall back to safetensors
+            return _read_with_safetensors(self.weights_path, key)
+        if self._file is None:
+            self._file = _TensorFile(self.weights_path)
         try:
-            with safe_open(str(self.weights_path), framework="pt") as fh:
-                return fh.get_tensor(key)
-        except Exception as exc:
+            return self._file.read(layout)
+        except (OSError, ValueError) as exc:
             raise AdapterLoadError(
                 f"could not read tensor '{key}': {exc}", path=str(self.weights_path),
-                fix="the weight file is damaged; re-download or re-save the adapter",
+                fix="the weight file is damaged or changed while reading; re-download or re-save the adapter",
             ) from exc
+
+    def close(self) -> None:
+        """Close the weight file (it is reopened on the next read)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def factors(self, module: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoraFactors:
         """Read one module's factors, scale folded into B, in ``dtype`` on ``device``."""
         info = self.modules[module]
         A = self._read(info.key_A).to(device=device, dtype=dtype)
         B = self._read(info.key_B).to(device=device, dtype=dtype)
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if not (all_finite(A) and all_finite(B)):
             raise NumericalError(
                 f"adapter '{self.name}' holds NaN or Inf values", path=str(self.weights_path), module=module,
                 fix="the adapter's training diverged or the file is damaged; use a clean checkpoint",
             )
         return LoraFactors(A=A, B=B * info.scale, kind=info.kind, scale=info.scale)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in ``x``: one reduction (a NaN or Inf makes the float32 sum non-finite), and the exact
+    element-wise test only when the sum is not finite (a NaN, an Inf, or an overflow of huge finite values)."""
+    if x.numel() == 0 or not x.is_floating_point():
+        return True
+    if math.isfinite(float(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _TensorFile:
+    """A weight file opened once; each read is one positioned read into a fresh buffer (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the adapter's life
+        self._lock = threading.Lock()
+
+    def read(self, layout: TensorLayout) -> torch.Tensor:
+        buf = bytearray(layout.nbytes)
+        if hasattr(os, "preadv"):
+            got = os.preadv(self._fh.fileno(), [buf], layout.offset)
+        else:  # pragma: no cover - platforms without preadv
+            with self._lock:
+                self._fh.seek(layout.offset)
+                got = self._fh.readinto(buf)
+        if got != layout.nbytes:
+            raise ValueError(f"short read: {got} of {layout.nbytes} bytes (was the file truncated?)")
+        if layout.nbytes == 0:
+            return torch.empty(layout.shape, dtype=layout.dtype)
+        return torch.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __del__(self) -> None:
+        self._fh.close()
+
+
+def _read_with_safetensors(path: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor(key)
+    except Exception as exc:
+        raise AdapterLoadError(
+            f"could not read tensor '{key}': {exc}", path=str(path),
+            fix="the weight file is damaged; re-download or re-save the adapter",
+        ) from exc
 
 
 def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, weights_path: Path) -> dict[str, ModuleInfo]:
@@ -370,7 +445,7 @@ def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _safetensors_header(path: Path) -> dict[str, TensorLayout]:
     """Parse the safetensors header ourselves so a corrupt file fails with a clear message."""
     try:
         with open(path, "rb") as fh:
@@ -403,7 +478,7 @@ def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dt
             shape = tuple(shape)
             if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != end - start:
                 raise ValueError(f"tensor '{key}' size does not match its shape {shape}")
-            out[key] = (shape, dtype)
+            out[key] = TensorLayout(offset=8 + n + start, nbytes=end - start, shape=shape, dtype=dtype)
         return out
     except (OSError, ValueError, TypeError, RecursionError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(
@@ -426,8 +501,10 @@ def load_adapter(
     _validate_config(config, path / CONFIG_NAME)
     st_path = path / SAFETENSORS_NAME
     pickled = None
+    layout: dict[str, TensorLayout] = {}
     if st_path.is_file():
-        header = _safetensors_header(st_path)
+        layout = _safetensors_header(st_path)
+        header = {k: (v.shape, v.dtype) for k, v in layout.items()}
         weights_path = st_path
     elif (path / PICKLE_NAME).is_file():
         weights_path = path / PICKLE_NAME
@@ -452,5 +529,5 @@ def load_adapter(
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     return LoraAdapter(
         name=name or path.name, source=source, config=config, weights_path=weights_path,
-        modules=modules, dtype=dtype, allow_pickle=allow_pickle, _pickled=pickled,
+        modules=modules, dtype=dtype, allow_pickle=allow_pickle, _pickled=pickled, _layout=layout,
     )

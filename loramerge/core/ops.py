@@ -93,6 +93,17 @@ def zero_below_(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x
 
 
+def shrink_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``x`` with the entries of ``|x| < threshold`` zeroed, as a new tensor (one vectorised ``hardshrink``;
+    ``zero_below_``'s rule, without writing back into ``x``)."""
+    if not threshold > 0:
+        return x
+    if math.isinf(threshold) or x.dtype not in (torch.float32, torch.float64):
+        return x.masked_fill(x.abs() < threshold, 0.0)
+    below = torch.nextafter(torch.tensor(threshold, dtype=x.dtype), torch.tensor(-math.inf, dtype=x.dtype))
+    return torch.nn.functional.hardshrink(x, float(below))
+
+
 def chunked_drop(x: torch.Tensor) -> bool:
     """Whether ``random_drop_`` draws ``x``'s mask chunk by chunk (and can record it): contiguous CPU tensors."""
     return x.device.type == "cpu" and x.is_contiguous()
@@ -234,3 +245,90 @@ def elect_sign_int8(mass: torch.Tensor) -> torch.Tensor:
     for s, m in flat_chunks(sign, mass.contiguous()):
         s.copy_(m >= 0 if positive_fallback else m > 0).mul_(2).sub_(1)
     return sign
+
+
+# --- blocked passes over a product B @ A (never formed whole) -------------------------------------------------------
+
+BLOCK_ELEMENTS = 1 << 17
+"""Entries per row block (512 KiB of float32) in the blocked element-wise merges: a block of ``B_t @ A_t`` is
+formed, sparsified and accumulated while it is still in cache, for every adapter, before the next block."""
+
+
+def row_blocks(d_out: int, d_in: int, block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
+    """Row ranges of a d_out x d_in matrix, about ``block_elements`` entries each, in memory order."""
+    rows = max(1, block_elements // max(d_in, 1))
+    return [slice(start, min(start + rows, d_out)) for start in range(0, d_out, rows)]
+
+
+def product_sample_abs(B: torch.Tensor, A: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``|B @ A|`` at ``count`` uniformly drawn positions, from the factors (O(count * r))."""
+    rows = torch.randint(B.shape[0], (count,), generator=generator).to(B.device)
+    cols = torch.randint(A.shape[1], (count,), generator=generator).to(B.device)
+    return (B[rows] * A.T.contiguous()[cols]).sum(1).abs_()
+
+
+def kth_smallest_abs_of_product(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> list[float]:
+    """``torch.kthvalue(|B @ A|.reshape(-1), rank)`` for each rank, exactly, in one pass of row blocks.
+
+    As ``kth_smallest_abs``: order statistics of a random sample (computed from the factors) bracket each
+    answer, one blocked pass counts the entries below each bracket and keeps those inside it, and kthvalue runs
+    on those; a missed bracket falls back to a pass that keeps every entry (the value is the same either way).
+    """
+    d_out, d_in = B.shape[0], A.shape[1]
+    n = d_out * d_in
+    if n <= 4 * _SAMPLE:
+        full = (B @ A).abs_().reshape(-1)
+        return [float(torch.kthvalue(full, r).values) for r in ranks]
+    sample = product_sample_abs(B, A, _SAMPLE, torch.Generator().manual_seed(0)).sort().values
+    margin = 4.0 * math.sqrt(_SAMPLE) + 8.0
+    brackets = []
+    for r in ranks:
+        centre = r * _SAMPLE / n
+        brackets.append((float(sample[max(0, int(centre - margin) - 1)]), float(sample[min(_SAMPLE - 1, int(centre + margin))])))
+    found = _bracketed_kth(B, A, ranks, brackets)
+    missed = [i for i, v in enumerate(found) if v is None]
+    if missed:
+        whole = _bracketed_kth(B, A, [ranks[i] for i in missed], [(0.0, math.inf)] * len(missed))
+        for i, v in zip(missed, whole):
+            found[i] = v
+    return [float(v) for v in found]  # type: ignore[arg-type]
+
+
+def _bracketed_kth(B: torch.Tensor, A: torch.Tensor, ranks: list[int], brackets: list[tuple[float, float]]) -> list[float | None]:
+    """One blocked pass: per bracket (lo, hi), the number of entries with |x| <= lo and the entries with
+    lo < |x| <= hi; then the answer by kthvalue on those, or None where the rank is outside the bracket.
+
+    Float operations only (``hardshrink`` keeps |x| > lambd): comparisons producing booleans are several times
+    slower per entry on CPU."""
+    below = [0] * len(ranks)
+    inside: list[list[torch.Tensor]] = [[] for _ in ranks]
+    buf = torch.empty(BLOCK_ELEMENTS + A.shape[1], dtype=torch.promote_types(B.dtype, A.dtype), device=B.device)
+    hardshrink = torch.nn.functional.hardshrink
+    for rows in row_blocks(B.shape[0], A.shape[1]):
+        block = buf[: (rows.stop - rows.start) * A.shape[1]].view(rows.stop - rows.start, A.shape[1])
+        d = torch.matmul(B[rows], A, out=block).view(-1)
+        for i, (lo, hi) in enumerate(brackets):
+            above_lo = hardshrink(d, lo) if lo > 0 else d.clone()
+            below[i] += d.numel() - int(torch.count_nonzero(above_lo.bool()))  # count_nonzero on floats is branchy
+            if math.isfinite(hi):
+                above_lo.sub_(hardshrink(above_lo, hi))  # nonzero exactly where lo < |x| <= hi
+            inside[i].append(above_lo[above_lo.bool()].abs_())
+    out: list[float | None] = []
+    for r, count, parts in zip(ranks, below, inside):
+        if r <= count:  # the answer is <= lo: only when lo is 0 and rank r falls on zeros
+            out.append(0.0 if brackets[ranks.index(r)][0] <= 0 else None)
+            continue
+        candidates = torch.cat(parts)
+        out.append(float(torch.kthvalue(candidates, r - count).values) if r <= count + candidates.numel() else None)
+    return out
+
+
+def topk_threshold_of_product(B: torch.Tensor, A: torch.Tensor, density: float) -> float | None:
+    """``topk_threshold(B @ A, density)`` without forming the product."""
+    n = B.shape[0] * A.shape[1]
+    k = int(density * n)
+    if k >= n:
+        return None
+    if k <= 0:
+        return float("inf")
+    return kth_smallest_abs_of_product(B, A, [n - k + 1])[0]

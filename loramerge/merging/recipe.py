@@ -9,6 +9,7 @@ adapters:
 parameters: {density: 0.2}
 rank: exact                   # exact | auto | max | 16 | {energy: 0.99}
 dtype: auto                   # auto | float32 | float16 | bfloat16
+space: dense                  # dense (default) | core (core-space merging, arXiv 2509.17786)
 ```
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loramerge.core.factored import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.errors import RecipeError
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -64,6 +65,7 @@ class Recipe(BaseModel):
     dtype: DTypeName = "auto"
     base_model: str | None = None
     factorwise: bool = False
+    space: Literal["dense", "core"] = "dense"
     seed: int = 0
     allow_pickle: bool = False
 
@@ -90,6 +92,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _method_and_parameters(self) -> Recipe:
         from loramerge.merging.methods import get_method
+        from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 
         method = get_method(self.method)
         try:
@@ -100,7 +103,10 @@ class Recipe(BaseModel):
                               fix="`loramerge methods` lists each method's parameters and defaults") from exc
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
-                              fix="factorwise works with task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune")
+                              fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
+        from loramerge.merging.methods.core_space import check_space
+
+        check_space(method, self.space, factorwise=self.factorwise)
         return self
 
     @property

@@ -1,10 +1,13 @@
 """Element-wise merges on delta_W: TIES, DARE, DELLA, Model Breadcrumbs, magnitude pruning.
 
-Each densifies one module at a time and streams over the adapters: one reused
-buffer holds the current adapter's dense delta, and at most about 2.5 dense
-deltas live at once (never all of them). Element-wise steps run chunk by chunk
-(``ops.CHUNK_ELEMENTS``) so their temporaries stay small. The result goes back
-to low rank through the rank policy. User weights multiply the task vectors before
+Each densifies one module at a time, one row block at a time (``ops.BLOCK_ELEMENTS``): for each block, every
+adapter's block of ``w_t B_t A_t`` is formed, sparsified and accumulated while it is in cache, then the block
+of the result is written. Statistics over a whole task vector (TIES's top-k threshold, Breadcrumbs' band) come
+first, from an exact blocked order-statistic pass over the product (``kth_smallest_abs_of_product``). So one
+pass over the adapters does what used to take two (the sign election keeps the positive and negative sums and
+counts per entry, and picks one of them once the mass is known), and only the result is ever a whole dense
+matrix. The non-default TIES options (``merge_func: max``, ``majority_sign: frequency``) keep the two-pass form
+below. The result goes back to low rank through the rank policy. User weights multiply the task vectors before
 the method sees them (``tau_t = w_t * B_t A_t``), so with unit weights each
 function is the paper's algorithm on that module.
 """
@@ -18,18 +21,22 @@ import torch
 from pydantic import Field, model_validator
 
 from loramerge.core.ops import (
-    band_mask,
+    BLOCK_ELEMENTS,
     chunked_drop,
     elect_sign_int8,
     flat_chunks,
     generator_for,
+    kth_smallest_abs_of_product,
     magprune_keep_probs,
     random_drop_,
     replay_drop_,
+    row_blocks,
+    shrink_below,
     topk_threshold,
+    topk_threshold_of_product,
     zero_below_,
 )
-from loramerge.merging.methods.base import Dense, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Dense, MethodConfig, ModuleInputs
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(adapter position, weighted dense delta) -> the sparsified, possibly rescaled delta."""
@@ -43,19 +50,6 @@ def _dense(inputs: ModuleInputs, t: int, out: torch.Tensor | None = None) -> tor
         out = torch.empty(shape, dtype=f.B.dtype, device=f.B.device)
     torch.matmul(f.B, f.A, out=out)
     return out.mul_(inputs.weights[t])
-
-
-def _weighted_sum(inputs: ModuleInputs, sparsify: Sparsifier) -> torch.Tensor:
-    acc, buf = None, None
-    for t in range(len(inputs.factors)):
-        buf = _dense(inputs, t, buf)
-        d = sparsify(t, buf)
-        if acc is None:
-            acc = d
-            buf = None if d is buf else buf  # the sum now owns that memory
-        else:
-            acc.add_(d)
-    return acc
 
 
 def _sign_resolved_merge(
@@ -106,6 +100,111 @@ def _sign_resolved_merge(
     return acc
 
 
+BlockSparsifier = Callable[[int, torch.Tensor, slice], torch.Tensor]
+"""(adapter position, a row block of w_t B_t A_t, its rows) -> the sparsified block (in place allowed)."""
+
+
+class _Blocks:
+    """Row blocks of each adapter's weighted product ``w_t B_t A_t``, formed into one reused buffer."""
+
+    def __init__(self, inputs: ModuleInputs) -> None:
+        f0 = inputs.factors[0]
+        self.shape = (f0.B.shape[0], f0.A.shape[1])
+        self.dtype = f0.B.dtype
+        self.device = f0.B.device
+        self.B = [f.B * w for f, w in inputs.weighted()]  # d_out x r: weights folded in (small)
+        self.A = [f.A for f in inputs.factors]
+        self.rows = row_blocks(*self.shape)
+        self._buf = torch.empty(BLOCK_ELEMENTS + self.shape[1], dtype=self.dtype, device=self.device)
+
+    def scratch(self, rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty((rows.stop - rows.start, self.shape[1]), dtype=dtype or self.dtype, device=self.device)
+
+    def block(self, t: int, rows: slice) -> torch.Tensor:
+        out = self._buf[: (rows.stop - rows.start) * self.shape[1]].view(rows.stop - rows.start, self.shape[1])
+        return torch.matmul(self.B[t][rows], self.A[t], out=out)
+
+
+def row_basis(inputs: ModuleInputs) -> torch.Tensor:
+    """An orthonormal basis of the inputs' stacked A rows (d_in x R): the warm start of the rank policy's SVD."""
+    A_cat = torch.cat([f.A for f in inputs.factors], dim=0)
+    return torch.linalg.qr(A_cat.T, mode="reduced")[0]
+
+
+def _blocked_sum(inputs: ModuleInputs, sparsify: BlockSparsifier, scale: float) -> torch.Tensor:
+    """``scale * sum_t sparsify(w_t B_t A_t)``, block by block (adapters summed in order, as a dense loop would)."""
+    blocks = _Blocks(inputs)
+    out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    for rows in blocks.rows:
+        acc = out[rows]
+        for t in range(len(inputs.factors)):
+            d = sparsify(t, blocks.block(t, rows), rows)
+            if t == 0:
+                acc.copy_(d)
+            else:
+                acc.add_(d)
+        acc.mul_(scale)
+    return out
+
+
+def _blocked_sign_resolved(
+    inputs: ModuleInputs, sparsify: BlockSparsifier, merge_func: Literal["mean", "sum"], scale: float,
+    denominator: Literal["count", "weight"] = "count",
+) -> torch.Tensor:
+    """TIES's elect-and-fuse with the mass rule, in one pass over the adapters.
+
+    Per block it keeps the mass ``sum_t d_t`` (in the adapters' order, so the elected signs are those of the
+    two-pass form), the sum of the positive entries, and per entry the sum of ``sign(d_t)`` and of ``|sign(d_t)|``
+    (weighted by ``|w_t|`` for DELLA's weight denominator), from which the positive and negative counts follow.
+    Where the mass is positive the result is the positive sum over its count, where negative the negative sum
+    (mass minus positive sum) over its count: exactly the disjoint mean (or sum) of the entries that agree with
+    the elected sign. Only float operations run per adapter and entry (boolean comparisons are several times
+    slower on CPU). Entries whose mass is exactly zero while some entry is not (an exact cancellation) take the
+    sign of the whole mass's sum, known only at the end: they are recorded and filled in then.
+    """
+    blocks = _Blocks(inputs)
+    out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    by_weight = denominator == "weight"
+    pending: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    total = 0.0
+    for rows in blocks.rows:
+        mass, pos, signs, nonzero = (blocks.scratch(rows) for _ in range(4))
+        for t in range(len(inputs.factors)):
+            d = sparsify(t, blocks.block(t, rows), rows)
+            alpha = abs(inputs.weights[t]) if by_weight else 1.0
+            s = torch.sign(d)
+            if t == 0:
+                mass.copy_(d)
+                torch.clamp(d, min=0.0, out=pos)
+                torch.mul(s, alpha, out=signs)
+                torch.abs(s, out=nonzero).mul_(alpha)
+                continue
+            mass.add_(d)
+            pos.add_(d.clamp(min=0.0))
+            signs.add_(s, alpha=alpha)
+            nonzero.add_(s.abs_(), alpha=alpha)
+        total += float(mass.sum(dtype=torch.float64))
+        elected = torch.sign(mass)
+        tied = (1.0 - elected.abs()).mul_(nonzero)  # > 0 where the mass is 0 but some entry is not
+        neg = mass.sub_(pos)
+        if merge_func == "mean":
+            floor = 1e-12 if by_weight else 1.0
+            n_pos = (nonzero + signs).mul_(0.5)  # integer counts (or summed |w_t|) of the positive entries
+            n_neg = nonzero.sub_(signs).mul_(0.5)
+            pos.div_(n_pos.clamp_(min=floor))
+            neg.div_(n_neg.clamp_(min=floor))
+        positive = elected.clamp(min=0.0)  # 1 where the mass is positive
+        negative = elected.abs_().sub_(positive)  # 1 where it is negative
+        target = out[rows]
+        torch.mul(pos, positive, out=target).add_(neg * negative).mul_(scale)
+        if float(tied.sum()) > 0:  # tied >= 0; a sum is far cheaper than any() on CPU
+            mask = tied.bool()
+            pending.append((rows, mask, pos[mask].clone(), neg[mask].clone()))
+    for rows, tied, pos_values, neg_values in pending:
+        out[rows][tied] = scale * (pos_values if total >= 0 else neg_values)
+    return out
+
+
 class TiesConfig(MethodConfig):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept by magnitude (paper k=20%)")
     lambda_: float = Field(1.0, alias="lambda", description="scale on the merged vector")
@@ -115,6 +214,13 @@ class TiesConfig(MethodConfig):
 
 def ties(cfg: TiesConfig, inputs: ModuleInputs) -> Dense:
     """TIES: trim each task vector to its top-k magnitudes, elect signs by mass, disjoint mean."""
+    if cfg.majority_sign == "total" and cfg.merge_func != "max":
+        thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
+
+        def trim_block(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+            return d if thresholds[t] is None else shrink_below(d, thresholds[t])
+
+        return Dense(_blocked_sign_resolved(inputs, trim_block, cfg.merge_func, cfg.lambda_), basis=row_basis(inputs))
     thresholds: dict[int, float | None] = {}
 
     def trim(t: int, d: torch.Tensor) -> torch.Tensor:
@@ -137,9 +243,21 @@ class DareTiesConfig(DareConfig):
     majority_sign: Literal["total", "frequency"] = "total"
 
 
+def _dare_blocks(cfg: DareConfig, inputs: ModuleInputs) -> BlockSparsifier:
+    """The seeded random drop, block after block: each adapter's generator is drawn from in memory order, so
+    the mask is the one a single draw over the whole matrix gives (``random_drop_``'s stream)."""
+    device = inputs.factors[0].B.device
+    gens = [generator_for(inputs.seed, "dare", inputs.name, name, device=device) for name in inputs.adapter_names]
+
+    def drop(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        return d if cfg.density >= 1.0 else random_drop_(d, cfg.density, gens[t], cfg.rescale)
+
+    return drop
+
+
 def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) -> Sparsifier:
-    """The seeded random drop. With ``keep_masks`` (two-pass merges), each adapter's mask is kept bit-packed
-    after its first use and replayed on the second: the same mask, without drawing it again."""
+    """The seeded random drop on a whole dense delta (the two-pass form). With ``keep_masks``, each adapter's
+    mask is kept bit-packed after its first use and replayed on the second: the same mask, not drawn again."""
     masks: dict[int, torch.Tensor] = {}
 
     def drop(t: int, d: torch.Tensor) -> torch.Tensor:
@@ -158,11 +276,13 @@ def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) ->
 
 def dare_linear(cfg: DareConfig, inputs: ModuleInputs) -> Dense:
     """DARE: drop entries at random (keep prob. density), rescale, then weighted sum."""
-    return Dense(_weighted_sum(inputs, _dare(cfg, inputs)).mul_(cfg.lambda_))
+    return Dense(_blocked_sum(inputs, _dare_blocks(cfg, inputs), cfg.lambda_), basis=row_basis(inputs))
 
 
 def dare_ties(cfg: DareTiesConfig, inputs: ModuleInputs) -> Dense:
     """DARE's random drop followed by TIES sign election and disjoint mean."""
+    if cfg.majority_sign == "total":
+        return Dense(_blocked_sign_resolved(inputs, _dare_blocks(cfg, inputs), "mean", cfg.lambda_), basis=row_basis(inputs))
     drop = _dare(cfg, inputs, keep_masks=True)
     return Dense(_sign_resolved_merge(inputs, drop, "mean", cfg.majority_sign).mul_(cfg.lambda_))
 
@@ -182,17 +302,17 @@ class DellaConfig(MethodConfig):
 
 def della(cfg: DellaConfig, inputs: ModuleInputs) -> Dense:
     """DELLA (MAGPRUNE): magnitude-ranked keep probabilities per row, 1/p rescale, elect, weighted fuse."""
+    device = inputs.factors[0].B.device
+    gens = [generator_for(inputs.seed, "della", inputs.name, name, device=device) for name in inputs.adapter_names]
 
-    def magprune(t: int, d: torch.Tensor) -> torch.Tensor:
-        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)
-        gen = generator_for(inputs.seed, "della", inputs.name, inputs.adapter_names[t], device=d.device)
-        keep = torch.bernoulli(probs, generator=gen).bool()
+    def magprune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)  # per row: a block of rows is enough
+        keep = torch.bernoulli(probs, generator=gens[t]).bool()
         return torch.where(keep, d / probs, 0.0)
 
     if not cfg.elect_sign:
-        return Dense(cfg.lambda_ * _weighted_sum(inputs, magprune))
-    merged = _sign_resolved_merge(inputs, magprune, "mean", "total", denominator="weight")
-    return Dense(cfg.lambda_ * merged)
+        return Dense(_blocked_sum(inputs, magprune, cfg.lambda_), basis=row_basis(inputs))
+    return Dense(_blocked_sign_resolved(inputs, magprune, "mean", cfg.lambda_, denominator="weight"), basis=row_basis(inputs))
 
 
 class BreadcrumbsConfig(MethodConfig):
@@ -210,13 +330,29 @@ class BreadcrumbsConfig(MethodConfig):
 
 def breadcrumbs(cfg: BreadcrumbsConfig, inputs: ModuleInputs) -> Dense:
     """Model Breadcrumbs: mask out outliers and small entries per task, then sum."""
+    f0 = inputs.factors[0]
+    n = f0.d_out * f0.d_in
+    n_top, n_keep = int(cfg.gamma * n), int(cfg.density * n)
+    lowest = n - n_top - n_keep + 1  # ascending rank of the smallest entry kept (as ``ops.band_mask``)
+    bands: list[tuple[float, float] | None] = []
+    for f, w in inputs.weighted():
+        if n_keep <= 0 or n_top >= n:
+            bands.append(None)
+            continue
+        ranks = [n - n_top] + ([lowest] if lowest > 1 else [])
+        values = kth_smallest_abs_of_product(f.B * w, f.A, ranks)
+        bands.append((values[1] if lowest > 1 else 0.0, values[0]))
 
-    def band(t: int, d: torch.Tensor) -> torch.Tensor:
-        return d.masked_fill_(~band_mask(d, cfg.density, cfg.gamma), 0.0)
+    def band(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        if bands[t] is None:
+            return d.zero_()
+        lo, hi = bands[t]
+        a = d.abs()
+        return d.mul_((a <= hi) & (a >= lo))
 
     if cfg.sign_election:
-        return Dense(cfg.lambda_ * _sign_resolved_merge(inputs, band, "mean", "total"))
-    return Dense(cfg.lambda_ * _weighted_sum(inputs, band))
+        return Dense(_blocked_sign_resolved(inputs, band, "mean", cfg.lambda_), basis=row_basis(inputs))
+    return Dense(_blocked_sum(inputs, band, cfg.lambda_), basis=row_basis(inputs))
 
 
 class MagnitudePruneConfig(MethodConfig):
@@ -226,41 +362,9 @@ class MagnitudePruneConfig(MethodConfig):
 
 def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
     """Keep each task vector's largest entries, then weighted sum."""
+    thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
 
-    def prune(t: int, d: torch.Tensor) -> torch.Tensor:
-        thr = topk_threshold(d, cfg.density)
-        return d if thr is None else zero_below_(d, thr)
+    def prune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
+        return d if thresholds[t] is None else shrink_below(d, thresholds[t])
 
-    return Dense(_weighted_sum(inputs, prune).mul_(cfg.lambda_))
-
-
-TIES = MergeMethod(
-    name="ties", config_cls=TiesConfig, fn=ties, kind="elementwise", exact=False,
-    paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-    url="https://arxiv.org/abs/2306.01708", summary="trim top-k%, elect sign by mass, disjoint mean",
-)
-DARE_LINEAR = MergeMethod(
-    name="dare_linear", config_cls=DareConfig, fn=dare_linear, kind="elementwise", exact=False,
-    paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-    url="https://arxiv.org/abs/2311.03099", summary="random drop + rescale, weighted sum (seeded)",
-)
-DARE_TIES = MergeMethod(
-    name="dare_ties", config_cls=DareTiesConfig, fn=dare_ties, kind="elementwise", exact=False,
-    paper=DARE_LINEAR.paper, url=DARE_LINEAR.url, summary="random drop + rescale, TIES sign election (seeded)",
-)
-DELLA = MergeMethod(
-    name="della", config_cls=DellaConfig, fn=della, kind="elementwise", exact=False,
-    paper="DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)",
-    url="https://arxiv.org/abs/2406.11617", summary="MAGPRUNE drop by magnitude rank, elect, weighted fuse (seeded)",
-)
-BREADCRUMBS = MergeMethod(
-    name="breadcrumbs", config_cls=BreadcrumbsConfig, fn=breadcrumbs, kind="elementwise", exact=False,
-    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
-    url="https://arxiv.org/abs/2312.06795", summary="drop outliers and small entries per task, then sum",
-)
-MAGNITUDE_PRUNE = MergeMethod(
-    name="magnitude_prune", config_cls=MagnitudePruneConfig, fn=magnitude_prune, kind="elementwise", exact=False,
-    paper="PEFT magnitude_prune (magnitude pruning of task vectors)",
-    url="https://huggingface.co/docs/peft/main/en/package_reference/merge_utils",
-    summary="keep top-k% magnitudes per task, then weighted sum",
-)
+    return Dense(_blocked_sum(inputs, prune, cfg.lambda_), basis=row_basis(inputs))
