@@ -238,12 +238,12 @@ def test_ctrl_c_exits_130_with_one_clear_line(recipe, tmp_path, phase):
 
 def test_error_raised_by_an_interruption_is_reported_as_the_interruption(monkeypatch, capsys):
     """An interrupted read surfaces as a load error; once SIGINT was seen, it is reported as the interruption."""
-    from loramerge.cli import entry
+    from loramerge.cli import interrupt
     from loramerge.cli.common import fail
     from loramerge.errors import AdapterLoadError
 
-    monkeypatch.setattr(entry, "_INTERRUPTED", type(entry._INTERRUPTED)())
-    entry._INTERRUPTED.set()
+    monkeypatch.setattr(interrupt, "_INTERRUPTED", type(interrupt._INTERRUPTED)())
+    interrupt._INTERRUPTED.set()
     with pytest.raises(SystemExit) as info:
         fail(AdapterLoadError("weight file is damaged: Interrupted system call", path="x", fix="re-download"))
     assert info.value.code == 130
