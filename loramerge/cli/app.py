@@ -168,6 +168,7 @@ def inspect(
 
     from loramerge.analysis.inspect import pairwise_overlap, summarize
     from loramerge.core.adapter import load_adapter
+    from loramerge.core.names import natural_key
 
     try:
         loaded = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
@@ -193,7 +194,7 @@ def inspect(
             mt = Table(title=f"{s.name}: modules")
             for col in ("module", "rank", "scale", "|dW|_F", "eff. rank", "stable rank"):
                 mt.add_column(col)
-            for m in s.modules:
+            for m in sorted(s.modules, key=lambda m: natural_key(m.name)):
                 mt.add_row(m.name, str(m.rank), f"{m.scale:.4g}", f"{m.norm:.4g}", f"{m.effective_rank:.2f}",
                            f"{m.stable_rank:.2f}")
             console.print(mt)
