@@ -151,7 +151,7 @@ def merge(
     if verbose or State.verbose:
         console.print(_report_table(result))
     for line in merge_summary(result) if not State.quiet else merge_summary(result)[-1:]:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if report is not None:
         report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
 
