@@ -54,6 +54,12 @@ class RecipeError(LoramergeError):
     exit_code = 2
 
 
+class OptionError(LoramergeError):
+    """A command-line option value is malformed (checked before any work is done)."""
+
+    exit_code = 2
+
+
 class OutputError(LoramergeError):
     """The output location cannot be written safely."""
 

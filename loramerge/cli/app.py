@@ -14,9 +14,10 @@ from pathlib import Path
 
 import typer
 
-from loramerge.cli.common import console, err_console, fail
+from loramerge.cli.common import console, err_console, fail, json_safe
 from loramerge.cli.lazy import LazyVerb, LazyVerbs
-from loramerge.errors import LoramergeError
+from loramerge.cli.options import check_device, check_writable_file, parse_method_params, parse_rank, parse_weights
+from loramerge.errors import LoramergeError, OutputError
 
 LAZY_VERBS: dict[str, LazyVerb] = {
     "basis": LazyVerb("loramerge.cli.artifacts:basis_app",
@@ -128,15 +129,13 @@ def merge(
     from loramerge.merging.recipe import load_recipe, parse_recipe
 
     try:
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LoramergeError("--device cuda asked for, but no CUDA device is available", fix="use --device cpu")
+        check_device(device)
+        rank_value = parse_rank(rank)
+        check_writable_file(report, "--report")
         parsed = load_recipe(recipe)
         overrides: dict = {}
         if rank is not None:
-            overrides["rank"] = {"energy": float(rank.split(":", 1)[1])} if rank.startswith("energy:") else rank
+            overrides["rank"] = rank_value
         if dtype is not None:
             overrides["dtype"] = dtype
         if seed is not None:
@@ -153,7 +152,11 @@ def merge(
     for line in merge_summary(result) if not State.quiet else merge_summary(result)[-1:]:
         console.print(line, highlight=False, soft_wrap=True)
     if report is not None:
-        report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        try:
+            report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
+        except OSError as exc:
+            fail(OutputError(f"the adapter was written to {result.output}, but not the report: {exc}",
+                             path=str(report), fix="the adapter is complete; rerun with a writable --report path"))
 
 
 @app.command()
@@ -177,7 +180,9 @@ def inspect(
     except LoramergeError as exc:
         fail(exc)
     if as_json:
-        print(json.dumps({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, indent=2))
+        non_finite: list[str] = []  # NaN/Inf statistics become null, and their JSON paths are listed
+        body = json_safe({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, non_finite)
+        print(json.dumps({**body, "non_finite": non_finite}, indent=2, allow_nan=False))
         return
     table = Table(title="adapters")
     for col in ("name", "base model", "r", "alpha", "rsLoRA", "modules", "total rank", "params", "dtype",
@@ -281,6 +286,7 @@ def compare(
     params: str | None = typer.Option(None, help='Per-method parameters as JSON: {"ties": {"density": 0.3}}.'),
     base: Path | None = typer.Option(None, help="Base model directory, to also measure task loss."),
     data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} lines for the task loss (needs --base).'),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier comparison's files in --output."),
 ) -> None:
     """Merge the same adapters with several methods and compare rank, size, error, time (and task loss)."""
     from loramerge.analysis.compare import (
@@ -293,13 +299,10 @@ def compare(
     )
 
     try:
-        try:
-            per_method = json.loads(params) if params else {}
-            w = [float(x) for x in weights.split(",")] if weights else None
-        except (ValueError, json.JSONDecodeError) as exc:
-            raise LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help") from None
-        runs = [(m.strip(), {"rank": rank, "parameters": per_method.get(m.strip(), {})})
+        per_method = parse_method_params(params)
+        runs = [(m.strip(), {"rank": parse_rank(rank), "parameters": per_method.get(m.strip(), {})})
                 for m in methods_.split(",") if m.strip()]
+        w = parse_weights(weights, len(adapters))
         evaluator = None
         if (base is None) != (data is None):
             raise LoramergeError("--base and --data go together", fix="give both, or neither")
@@ -307,7 +310,9 @@ def compare(
         if base is not None and data is not None:
             evaluator = LossEvaluator(base, load_task_texts(data))
             rows.append(CompareRow("base model (no adapter)", losses=evaluator(None), reference=True))
-        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w)
+        rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w, force=force)
+    except (ValueError, json.JSONDecodeError) as exc:
+        fail(LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help"))
     except LoramergeError as exc:
         fail(exc)
     console.print(render_table(rows, f"{len(adapters)} adapters, rank policy {rank}"))
@@ -345,12 +350,15 @@ def version() -> None:
     print(__version__)
 
 
+def run_app() -> None:
+    app()
+
+
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]: nothing was written at the output path")
-        sys.exit(130)
+    """Kept for ``python -m loramerge.cli.app``; the console script is ``loramerge.cli.entry:main``."""
+    from loramerge.cli.interrupt import run_with_interrupts
+
+    run_with_interrupts(run_app)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from loramerge.cli.common import console, fail
+from loramerge.cli.options import check_local_model_dir
 from loramerge.core.names import parse_pairs
 from loramerge.errors import LoramergeError, OutputError
 
@@ -43,6 +44,7 @@ def osrm_init(
     from loramerge.training.osrm import compute_osrm_init
 
     try:
+        check_local_model_dir(base, "BASE")
         init = compute_osrm_init(base, _parse_sources(other), r=r, mode=mode,  # type: ignore[arg-type]
                                  target_modules=[t.strip() for t in targets.split(",") if t.strip()], center=center,
                                  text_field=text_field, max_samples=max_samples, batch_size=batch_size,

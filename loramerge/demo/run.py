@@ -116,7 +116,8 @@ def run_demo(
     rows = [CompareRow("base model (no adapter)", losses=evaluator(None), reference=True)]
     own = {task: evaluator(path)[task] for task, path in adapters.items()}
     rows.append(CompareRow("each task's own adapter", total_rank=8 * 14, losses=own, reference=True))
-    merged = compare_methods([str(p) for p in adapters.values()], DEMO_MERGES, workdir / "merged", evaluator=evaluator)
+    merged = compare_methods([str(p) for p in adapters.values()], DEMO_MERGES, workdir / "merged", evaluator=evaluator,
+                            force=True)  # the demo owns its work directory
     rows += merged
     title = "4 toy-task adapters merged into one (held-out LM loss per task; lower is better)"
     console.print(render_table(rows, title))

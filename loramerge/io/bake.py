@@ -39,7 +39,7 @@ from loramerge.io.checkpoint import (
     read_config,
     shard_map,
 )
-from loramerge.io.writer import atomic_directory, check_output_path
+from loramerge.io.writer import atomic_directory, check_finite_as_written, check_output_path
 
 log = logging.getLogger("loramerge.io.bake")
 
@@ -264,9 +264,13 @@ class _ShardBaker:
                 for member, (source_key, member_module) in self.plan.materialise.items():
                     if source_key == key:
                         tensors[member] = self.with_delta(value, member_module, path).to(dtype).contiguous()
+                        if member_module is not None:  # checked as written, after the cast (issue 14)
+                            check_finite_as_written(tensors[member], module=member_module, path=name)
                 if key in self.plan.targets:
                     value = self.with_delta(value, self.plan.targets[key], path)
                 tensors[key] = value.to(dtype).contiguous()
+                if key in self.plan.targets:
+                    check_finite_as_written(tensors[key], module=self.plan.targets[key], path=name)
         return tensors
 
 

@@ -111,9 +111,30 @@ def module_inputs(adapters: AdapterSet, plan: MergePlan, name: str, *, device: s
     )
 
 
+def _check_finite_result(result: Any, inputs: ModuleInputs, method: str) -> None:
+    """NaN/Inf out of a method (an overflow, e.g. a huge weight) is a NumericalError naming the recipe entries whose
+    weighted delta overflows on its own, before the rank policy's SVD fails on it with a linear-algebra error."""
+    import torch
+
+    values = (result.delta,) if isinstance(result, Dense) else (result.B, result.A)
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        raise _overflow_error(inputs, method, "it produced NaN or Inf")
+
+
+def _overflow_error(inputs: ModuleInputs, method: str, what: str) -> NumericalError:
+    """Name the recipe entry with the largest weighted delta (the one that overflows, or the largest of a sum)."""
+    sizes = {n: abs(w) * float(f.B.abs().amax()) * float(f.A.abs().amax()) * f.rank
+             for f, w, n in zip(inputs.factors, inputs.weights, inputs.adapter_names) if f.rank}
+    worst = max(sizes, key=lambda n: sizes[n])
+    weight = inputs.weights[inputs.adapter_names.index(worst)]
+    return NumericalError(f"method '{method}': {what}: recipe entry '{worst}' (weight {weight:g}) has the largest "
+                          "weighted delta", module=inputs.name,
+                          fix=f"lower the weight of '{worst}' (or lambda); weighted deltas must stay well inside float32")
+
+
 def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
     if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed)
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
     return compress_factored(result.B, result.A, policy, ranks)
 
 
@@ -148,7 +169,11 @@ def merge_modules(
             raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
                               fix="change the adapters' weights or the method's parameters "
                               "(`loramerge methods` lists them)") from exc
-        compressed = _finish(result, plan.policy, inputs.ranks, derive_seed(plan.seed, "compress", name))
+        _check_finite_result(result, inputs, method.name)
+        try:
+            compressed = _finish(result, plan.policy, inputs.ranks, derive_seed(plan.seed, "compress", name))
+        except torch.linalg.LinAlgError as exc:  # finite but so large that the SVD's products overflow
+            raise _overflow_error(inputs, method.name, "its rank reduction overflowed") from exc
         if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
             raise NumericalError(f"method '{method.name}' produced NaN or Inf", module=name,
                                  fix="check the weights and parameters (e.g. a density of 0 or a huge lambda)")

@@ -35,7 +35,13 @@ from typing import Any, Literal
 import torch
 
 from loramerge.core.adapter import PEFT_PREFIX
-from loramerge.errors import LoramergeError, NumericalError, OutputError, RecipeError
+from loramerge.errors import (
+    BaseModelError,
+    LoramergeError,
+    NumericalError,
+    OutputError,
+    RecipeError,
+)
 from loramerge.io.writer import atomic_directory
 from loramerge.training.osrm_inputs import (
     Accumulator,
@@ -229,7 +235,14 @@ def _load_model(base: Any) -> tuple[torch.nn.Module, str | None]:
     if isinstance(base, (str, Path)):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(base)), str(base)
+        if not (Path(base) / "config.json").is_file():
+            raise BaseModelError("the base model is not a local model directory (no config.json)", path=str(base),
+                                 fix="pass the directory written by save_pretrained (model and tokenizer)")
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(base)), str(base)
+        except (OSError, ValueError) as exc:
+            raise BaseModelError(f"could not load the base model: {exc}", path=str(base),
+                                 fix="pass a causal LM directory written by save_pretrained") from exc
     return base, getattr(getattr(base, "config", None), "name_or_path", None) or None
 
 

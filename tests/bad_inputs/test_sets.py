@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from .helpers import (
     WEIGHTS,
     assert_user_error,
     dense_delta,
+    edit_config,
+    edit_tensors,
     merged_delta,
 )
 
@@ -84,3 +88,84 @@ def test_rank_beyond_the_dimension_is_merged_exactly(adapter_factory, llama, tmp
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(layer.get_delta_weight("default").double(), merged_delta(result, Q0),
                                rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ missing modules
+# An adapter that lacks a module is a ZERO task vector there (model-soup semantics): every method must give
+# the same module as when that adapter holds the module with A = B = 0. Found: average renormalised over the
+# adapters holding the module, so a module of one adapter in two got that adapter's whole delta.
+
+V0 = "model.layers.0.self_attn.v_proj"
+
+
+@pytest.fixture(scope="module")
+def holey_set(adapter_factory, tmp_path_factory) -> dict[str, Path]:
+    """a, c on q and v; b on q only ("missing"), and b with v present but zero ("zero"): the oracle."""
+    root = tmp_path_factory.mktemp("holey")
+    full = adapter_factory(seed=202, r=4, target_modules=["q_proj", "v_proj"])
+    zero, missing = Path(shutil.copytree(full, root / "zero")), Path(shutil.copytree(full, root / "missing"))
+
+    def zero_v(t):
+        for key in t:
+            if "v_proj.lora_" in key:
+                t[key].zero_()
+
+    edit_tensors(zero, zero_v)
+    edit_tensors(missing, lambda t: [t.pop(k) for k in [k for k in t if "v_proj" in k]])
+    edit_config(missing, target_modules=["q_proj"])
+    a = adapter_factory(seed=201, r=4, target_modules=["q_proj", "v_proj"])
+    return {"a": a, "zero": zero, "missing": missing, "a-copy": Path(shutil.copytree(a, root / "a-copy")),
+            "c": adapter_factory(seed=203, r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"])}
+
+
+def _method_cases():
+    from loramerge.merging.methods import REGISTRY
+
+    return [(name, fw) for name, m in sorted(REGISTRY.items()) for fw in ([False, True] if m.factorwise else [False])
+            if not (fw and name in ("dare_linear", "dare_ties")) and m.data in ("none", "prompts")]
+
+
+def _run(name: str, adapters: list, factorwise: bool = False, weights=(0.5, 0.8, 0.3)):
+    from loramerge.merging.methods import get_method
+
+    exact = {} if get_method(name).fixed_rank else {"rank": "exact"}
+    # learned-coefficient methods take their coefficients as parameters (a default lambda here); the
+    # statistics-based methods (regmean, fisher) have their own missing-module tests beside them
+    params = {"iso_cts": {"rank": 10}, "adamerging": {"coefficients": {"0": {"a": 0.7}}, "default": 1.3}}.get(name, {})
+    # c has rank 6, the others 4: factor-wise (PEFT) merges need equal ranks, so they merge a, b, a-copy.
+    return merge(adapters=adapters, method=name, weights=list(weights)[:len(adapters)], factorwise=factorwise,
+                 seed=7, parameters=params, **exact)
+
+
+@pytest.mark.parametrize("name,factorwise", _method_cases(), ids=lambda v: str(v))
+def test_missing_module_is_a_zero_task_vector(holey_set, name, factorwise):
+    third = holey_set["a-copy" if factorwise else "c"]
+
+    def entries(b: Path) -> list:
+        return [str(holey_set["a"]), {"path": str(b), "name": "b"}, str(third)]  # one name: same DARE masks
+
+    got = _run(name, entries(holey_set["missing"]), factorwise)
+    want = _run(name, entries(holey_set["zero"]), factorwise)
+    assert {m.name for m in got.modules} == {m.name for m in want.modules}
+    for module in (Q0, V0):
+        torch.testing.assert_close(merged_delta(got, module), merged_delta(want, module), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_missing_module_factorwise_dare_is_peft_skipping(holey_set, name):
+    """PEFT's factor-wise DARE skips an adapter without the module (its zero A, B add nothing but would
+    shift the random stream): v equals the merge of the two adapters that have it."""
+    a, b, c = holey_set["a"], holey_set["missing"], holey_set["a-copy"]
+    got = _run(name, [str(a), str(b), str(c)], True)
+    want = _run(name, [str(a), str(c)], True, weights=(0.5, 0.3))
+    torch.testing.assert_close(merged_delta(got, V0), merged_delta(want, V0), rtol=1e-5, atol=1e-7)
+
+
+def test_average_missing_module_dense_reference(holey_set):
+    """The issue's case, against a dense formula: (w_a dW_a + w_b * 0 + w_c dW_c) / (w_a + w_b + w_c)."""
+    a, b, c = holey_set["a"], holey_set["missing"], holey_set["c"]
+    result = merge(adapters=[a, b, c], method="average", weights=[0.5, 0.8, 0.3])
+    expected = (0.5 * dense_delta(a, V0) + 0.3 * dense_delta(c, V0)) / 1.6
+    torch.testing.assert_close(merged_delta(result, V0), expected, rtol=1e-5, atol=1e-7)
+    two = merge(adapters=[a, b], method="average")
+    torch.testing.assert_close(merged_delta(two, V0), dense_delta(a, V0) / 2, rtol=1e-5, atol=1e-7)

@@ -55,9 +55,14 @@ class Factored:
 
 @dataclass(frozen=True)
 class Dense:
-    """A result formed densely (element-wise methods); brought back to low rank by the rank policy."""
+    """A result formed densely (element-wise methods); brought back to low rank by the rank policy.
+
+    ``basis`` (optional, d_in x k, orthonormal columns): a subspace likely to hold the result's top row space,
+    e.g. the inputs' stacked ``A`` rows; the randomized SVD starts from it instead of a random sketch.
+    """
 
     delta: torch.Tensor
+    basis: torch.Tensor | None = None
 
 
 MethodResult = Factored | Dense

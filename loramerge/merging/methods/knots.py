@@ -141,7 +141,7 @@ def _dropper(cfg: KnotsConfig, inputs: ModuleInputs) -> Sparsifier:
 
 
 def _summed(basis: JointBasis, sparsify: Sparsifier) -> torch.Tensor:
-    acc = torch.zeros(basis.rank, basis.input_bases[0].shape[0], dtype=basis.S.dtype)
+    acc = torch.zeros(basis.rank, basis.input_bases[0].shape[0], dtype=basis.S.dtype, device=basis.S.device)
     for t in range(len(basis.core_blocks)):
         acc.add_(sparsify(t, basis.coordinates(t)))
     return acc
@@ -218,7 +218,7 @@ def global_topk_thresholds(
         else:
             rank = n - k + 1  # ascending position (1-based) of the k-th largest
             cumulative = torch.cumsum(hist, 0)
-            b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+            b = int(torch.searchsorted(cumulative, torch.tensor(rank, device=cumulative.device)))
             before = int(cumulative[b - 1]) if b > 0 else 0
             targets[key] = (b, rank - before)
     if targets:

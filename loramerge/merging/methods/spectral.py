@@ -83,7 +83,7 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 def zero_result(inputs: ModuleInputs) -> Factored:
     """An all-zero delta, kept as one zero rank unit so PEFT still has a module."""
     f = inputs.factors[0]
-    return Factored(B=torch.zeros(f.d_out, 1, dtype=f.B.dtype), A=torch.zeros(1, f.d_in, dtype=f.A.dtype))
+    return Factored(B=f.B.new_zeros(f.d_out, 1), A=f.A.new_zeros(1, f.d_in))
 
 
 def balanced(parts: Triplets, scale: float, dtype: torch.dtype) -> Factored:
