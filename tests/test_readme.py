@@ -70,6 +70,8 @@ def test_the_readme_shows_commands():
 
 @pytest.mark.parametrize("args", LORAMERGE, ids=lambda c: " ".join(c[1:4]))
 def test_loramerge_command_lines_parse(args):
+    notation = [a for a in args if a.startswith(("[", "<")) or a.isupper()]
+    assert not notation, f"`{' '.join(args)}` uses placeholder notation {notation}: not runnable as written"
     try:
         parse(args[1:])
     except ParseError as exc:
