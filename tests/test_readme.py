@@ -46,6 +46,8 @@ def shell_commands(text: str) -> list[list[str]]:
 
 
 COMMANDS = shell_commands(README)
+SAVED_FILES = re.findall(r"Save as `([^`]+)`[^`]*?```yaml\n(.*?)```", README, flags=re.S)
+"""The files the README asks the reader to save (``Save as `PATH` ... ```yaml``), written before the commands run."""
 LORAMERGE = [c for c in COMMANDS if c[0] == "loramerge"]
 
 
@@ -117,6 +119,8 @@ def demo_tree(tmp_path_factory):
     write_task_data(demo, n=8)
     write_demo_data(demo, n=8)  # what the README's `python -m loramerge.demo.data demo_out` writes
     shutil.copytree(ROOT / "examples", root / "examples")
+    for relative, text in SAVED_FILES:
+        (root / relative).write_text(text)
     return root
 
 

@@ -15,7 +15,8 @@ from loramerge.data.calibration import calibrate
 from loramerge.data.statistics import CalibrationStats
 from loramerge.demo.toy import WORDS, make_tokenizer
 from loramerge.merging.engine import merge
-from loramerge.merging.methods.data import LinesConfig, lines_factor, scaled_gram
+from loramerge.merging.methods.data import scaled_gram
+from loramerge.merging.methods.lines import LinesConfig, lines_factor
 
 
 def texts(seed: int, n: int = 6) -> list[str]:
@@ -117,6 +118,16 @@ def test_fisher_equals_the_dense_weighted_average(setup):
             den = den + weights[name] * F
         want = num / den  # rank "exact" stores the dense result losslessly
         torch.testing.assert_close(factors.delta().double(), want, rtol=1e-4, atol=1e-7)
+        if module.endswith("layers.1.self_attn.q_proj"):  # normalize: each adapter's Fisher over its mean
+            normed = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="fisher",
+                           parameters={"floor": 0.0, "normalize": True}, calibration=str(out), rank="exact").factors()
+            num = den = 0
+            for name in names:
+                u, v = stats.fisher(name, module)
+                F = torch.outer(u / u.mean(), v / v.mean())
+                delta = dense_delta(adapters[name], module)
+                num, den = num + F * (delta if delta is not None else 0), den + F
+            torch.testing.assert_close(normed[module].delta().double(), num / den, rtol=1e-4, atol=1e-7)
         assert torch.linalg.matrix_rank(want) > max(load_adapter(p).modules[module].rank for p in adapters.values()
                                                     if module in load_adapter(p).modules)  # it densified
 
@@ -129,8 +140,8 @@ def test_lines_layer_factors_and_post_step_compose(three_adapters):
     assert lines_factor(cfg, "lm_head", 4) == pytest.approx(0.8)
     adapters = [str(p) for p in three_adapters]
     for method, params in (("ties", {"density": 0.5}), ("task_arithmetic", {}), ("tsv", {})):
-        plain = merge(adapters=adapters, method=method, parameters=params, rank="max").factors()
-        scaled = merge(adapters=adapters, method=method, parameters=params, rank="max",
+        plain = merge(adapters=adapters, method=method, parameters=params, rank="exact").factors()
+        scaled = merge(adapters=adapters, method=method, parameters=params, rank="exact",
                        post={"lines": {"alpha": 0.2, "beta": 0.6}}).factors()
         for module, f in plain.items():  # tiny Llama: 2 layers
             factor = 0.2 + 0.6 * int(module.split(".")[2])
@@ -139,3 +150,48 @@ def test_lines_layer_factors_and_post_step_compose(three_adapters):
     ln = merge(adapters=adapters, method="lines", parameters={"alpha": 0.5, "beta": 0.5}, rank="exact").factors()
     for module, f in ta.items():
         torch.testing.assert_close(ln[module].delta(), (0.5 + 0.5 * int(module.split(".")[2])) * f.delta())
+
+
+def test_regmean_plus_equals_a_dense_layer_by_layer_reference(setup, llama, llama_dir):
+    """RegMean++: block l's Grams come from the model whose blocks < l are already merged (the task's own adapter
+    in block l); reference: full weights, full forwards one text at a time, the dense RegMean formula per block."""
+    names, data, adapters, _ = setup
+    alpha = 0.8
+    merged = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="regmean_plus",
+                   parameters={"alpha": alpha}, data=data, base_model=str(llama_dir), rank="exact").factors()
+    tok = make_tokenizer()
+    deltas = {n: {m: dense_delta(p, m) for m in load_adapter(p).modules} for n, p in adapters.items()}
+    model = copy.deepcopy(llama)
+    W0 = {m: llama.get_submodule(m).weight.detach().double() for m in merged}
+    plain = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="regmean",
+                  parameters={"alpha": alpha}, data=data, base_model=str(llama_dir), rank="exact").factors()
+    for block in range(2):
+        modules = [m for m in merged if m.startswith(f"model.layers.{block}.")]
+        grams: dict[str, dict[str, torch.Tensor]] = {}
+        for name in names:
+            task_model = copy.deepcopy(model)
+            rows: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+            handles = []
+            with torch.no_grad():
+                for m in modules:
+                    if deltas[name].get(m) is not None:
+                        task_model.get_submodule(m).weight += deltas[name][m].float()
+                    handles.append(task_model.get_submodule(m).register_forward_pre_hook(
+                        lambda mod, args, m=m, rows=rows: rows[m].append(args[0].reshape(-1, args[0].shape[-1]).double())))
+                for text in data[name]:
+                    task_model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+            for h in handles:
+                h.remove()
+            grams[name] = {m: torch.cat(r).T @ torch.cat(r) / torch.cat(r).shape[0] for m, r in rows.items()}
+        for m in modules:
+            num = sum((W0[m] + (deltas[n].get(m) if deltas[n].get(m) is not None else 0)) @ scaled_gram(grams[n][m], alpha)
+                      for n in names)
+            den = sum(scaled_gram(grams[n][m], alpha) for n in names)
+            want = num @ torch.linalg.inv(den) - W0[m]
+            torch.testing.assert_close(merged[m].delta().double(), want, rtol=1e-4, atol=1e-6)
+            with torch.no_grad():
+                model.get_submodule(m).weight += want.float()  # the merged block feeds the next one
+            if block == 0:  # the first block sees the same inputs as RegMean's
+                torch.testing.assert_close(merged[m].delta(), plain[m].delta(), rtol=1e-4, atol=1e-6)
+    deep = [m for m in merged if m.startswith("model.layers.1.")]
+    assert any(not torch.allclose(merged[m].delta(), plain[m].delta(), atol=1e-6) for m in deep)

@@ -136,12 +136,21 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         url="https://arxiv.org/abs/2310.02575",
         summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
     ),
+    # Issue 11: data-informed merges (statistics from `loramerge calibrate` or the recipe's `data:`) and LiNeS.
     _builtin(
         "data", "regmean", "RegMeanConfig",
         name="regmean", kind="factored", exact=True, data="gram",
         paper="Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023)",
         url="https://arxiv.org/abs/2212.09849",
         summary="least-squares merge of each layer's outputs on calibration inputs; exact factored, rank sum r_t",
+    ),
+    _builtin(
+        "data", "regmean_plus", "RegMeanConfig",
+        name="regmean_plus", aliases=("regmean++",), kind="factored", exact=True, data="model",
+        paper="RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging "
+              "(Dang et al., 2025)",
+        url="https://arxiv.org/abs/2508.03121",
+        summary="RegMean with each block's statistics from the partially merged model; needs data and the base model",
     ),
     _builtin(
         "data", "fisher", "FisherConfig",
@@ -151,10 +160,10 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         summary="element-wise Fisher-weighted average (Kronecker-factored diagonal Fisher); rank policy",
     ),
     _builtin(
-        "data", "lines", "LinesConfig", prepare="_lines_prepare",
+        "lines", "lines", "LinesConfig", prepare="lines_prepare",
         name="lines", kind="factored", exact=True,
         paper="LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging "
-        "(Wang et al., ICLR 2025)",
+              "(Wang et al., ICLR 2025)",
         url="https://arxiv.org/abs/2410.17146",
         summary="task arithmetic with the delta scaled linearly with depth; also `post: lines` after any method",
     ),
