@@ -52,15 +52,15 @@ METHODS = {
 }
 
 
-def write_adapters(root: Path, layers: int, n: int) -> list[str]:
+def write_adapters(root: Path, layers: int, n: int, targets: tuple[str, ...] = PROJECTIONS) -> list[str]:
     import math
 
     from peft import LoraConfig, get_peft_model
 
     dirs = []
     for i in range(n):
-        model = build_stub(LLAMA2_7B, layers, PROJECTIONS)
-        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=list(PROJECTIONS)))
+        model = build_stub(LLAMA2_7B, layers, targets)
+        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=list(targets)))
         gen = torch.Generator().manual_seed(1000 * i + 7)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -259,7 +259,18 @@ def per_module(methods: list[str], spaces: list[str]) -> None:
                   f"{peak:.0f} | {err:.2f} |", flush=True)
 
 
-if __name__ == "__main__" and "--per-module" in sys.argv:
+def peft_sample(targets: tuple[str, ...] = ("q_proj",)) -> None:
+    """PEFT's ties_svd on one layer's ``targets`` (adapters written by PEFT for those modules only)."""
+    with tempfile.TemporaryDirectory(prefix="ew7b-peft-") as tmp:
+        dirs = write_adapters(Path(tmp), 1, N, targets)
+        r = peft_ties_svd(dirs, targets, 1)
+    full = r["cpu"] * entries(PROJECTIONS) * FULL_LAYERS / entries(targets)
+    print(json.dumps({**r, "targets": targets, "full_set_cpu_s_by_entries": full}), flush=True)
+
+
+if __name__ == "__main__" and "--peft-sample" in sys.argv:
+    peft_sample()
+elif __name__ == "__main__" and "--per-module" in sys.argv:
     per_module(["task_arithmetic", *METHODS], ["dense", "core"])
 elif __name__ == "__main__":
     raise SystemExit(main())

@@ -129,8 +129,10 @@ def random_drop_(
         x.masked_fill_(~bernoulli_mask(x.shape, density, generator, device=x.device), 0.0)
         return x.div_(density) if rescale else x
     for i, (chunk,) in enumerate(flat_chunks(x)):
-        keep = torch.rand(chunk.shape, generator=generator, dtype=torch.float32) < density
-        chunk.mul_(keep)  # x * 1 or x * 0
+        # keep = (u < density) as 1.0/0.0, by float operations (a boolean comparison is several times slower):
+        # density - u > 0 exactly when u < density (distinct floats never subtract to 0)
+        keep = torch.rand(chunk.shape, generator=generator, dtype=torch.float32).neg_().add_(density).sign_().clamp_(min=0.0)
+        chunk.mul_(keep.to(chunk.dtype) if chunk.dtype != torch.float32 else keep)  # x * 1 or x * 0
         if rescale:
             chunk.div_(density)
         if record is not None:
