@@ -54,6 +54,12 @@ class RecipeError(LoramergeError):
     exit_code = 2
 
 
+class OptionError(LoramergeError):
+    """A command-line option value is malformed (checked before any work is done)."""
+
+    exit_code = 2
+
+
 class OutputError(LoramergeError):
     """The output location cannot be written safely."""
 
@@ -76,3 +82,9 @@ class HubError(LoramergeError):
     """A Hugging Face Hub call failed (login, permissions, repository id, network)."""
 
     exit_code = 9
+
+
+class DataError(RecipeError):
+    """A data file (texts, validation examples) or calibration statistics are missing, malformed or stale."""
+
+    exit_code = 2

@@ -1,8 +1,10 @@
 """``loramerge route train|eval``: write a router artifact from adapters and labelled examples; score it.
 
-A Typer app named ``app`` that the main command mounts as ``loramerge route``. Data files are JSONL,
-one ``{"text": ..., "task": ...}`` per line, where ``task`` names the adapter that should serve the text
-(LoraHub reads ``{"input": ..., "output": ...}`` lines instead).
+A Typer app named ``app`` that the main command mounts as ``loramerge route``. Data goes through the one
+data reader (``loramerge.data.examples``): JSONL lines with a ``task`` (the adapter that should serve the
+example; or a file per adapter, ``--data NAME=FILE``) and either ``text`` or ``prompt`` + ``options`` +
+``label``, the same files ``calibrate`` and ``tune`` read (LoraHub reads the new task's ``input``/``output``
+lines).
 """
 
 from __future__ import annotations
@@ -11,62 +13,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 from rich.table import Table
 
 from loramerge.cli.common import console, fail
-from loramerge.errors import LoramergeError, RecipeError
+from loramerge.errors import LoramergeError
+
+# the command's module stays light (``loramerge --help`` imports it): torch and the routers load on use
 
 app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
                   help="Routers: pick each prompt's adapter mixture (centroid, knn, classifier, arrow, moe, lorahub).")
 
-KINDS = ("centroid", "knn", "classifier", "arrow", "moe", "lorahub")
-
-
-
-
-def parse_adapters(items: list[str]) -> tuple[list[str], list[str]]:
-    """``name=path`` or ``path`` (named after its directory) -> (names, paths)."""
-    names, paths = [], []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).name, item
-        if not name or not path:
-            raise RecipeError(f"cannot read adapter '{item}'", fix="write adapters as name=path or path")
-        names.append(name)
-        paths.append(path)
-    return names, paths
-
-
-def load_base(path: Path | None, *, needed_for: str):
-    if path is None:
-        raise RecipeError(f"{needed_for} needs the base model", fix="pass --base-model DIR (a transformers model "
-                          "directory with its tokenizer)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
-    except (OSError, ValueError) as exc:
-        raise RecipeError(f"could not load the base model: {exc}", path=str(path),
-                          fix="give a local transformers model directory that holds a tokenizer too") from exc
-    return model, tokenizer
-
-
-def _read_pairs(path: Path) -> list[Any]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append((row.get("input", ""), row["output"]) if "output" in row else row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise RecipeError(f"line {number} needs 'input'/'output' (or 'text')", path=str(path),
-                              fix='write lines as {"input": "...", "output": "..."}') from None
-    return rows
+DATA_HELP = ("JSONL, one example per line: a 'task' (the adapter that should serve it) and 'text', or 'prompt' + "
+             "'options' + 'label' (routed on the prompt); repeat as --data NAME=FILE for a file per adapter "
+             "(lines need no task). LoraHub: the new task's {'input', 'output'} (or 'text') lines.")
+SEE = " Default: the router's own (`loramerge route kinds`)."
+KINDS = ("centroid", "knn", "classifier", "arrow", "moe", "lorahub")  # registry.TRAINABLE_KINDS (tested equal)
 
 
 @app.command("train")
@@ -74,26 +36,27 @@ def train(
     adapters: list[str] = typer.Argument(None, help="Adapters to route over: name=path or path (name = directory name)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the router artifact."),
     kind: str = typer.Option("classifier", help=f"Router: {', '.join(KINDS)}."),
-    data: Path | None = typer.Option(None, help='JSONL of {"text", "task"} (lorahub: {"input", "output"}).'),
+    data: list[str] | None = typer.Option(None, help=DATA_HELP),
     base_model: Path | None = typer.Option(None, "--base-model", help="Base model directory (for base-model "
                                                                      "embeddings, arrow per request, moe, lorahub)."),
     embedder: str = typer.Option("base", help="centroid/knn/classifier features: 'base' (pooled hidden state) or "
                                               "'minilm' (all-MiniLM-L6-v2, offline)."),
     layer: int = typer.Option(-1, help="Hidden layer to pool for 'base' embeddings (-1: the last)."),
     twin: Path | None = typer.Option(None, help="Twin-Merging bundle: route over its tasks, embed with its shared model."),
-    top_k: int | None = typer.Option(None, "--top-k", help="centroid: 1; arrow: 3; moe: all (softmax)."),
-    temperature: float | None = typer.Option(None, help="Softmax temperature (centroid 0.1, arrow/moe 1.0)."),
-    epochs: int | None = typer.Option(None, help="classifier: 50 (paper); moe: 3."),
-    lr: float | None = typer.Option(None, help="classifier: 5e-4 (paper); moe: 1e-2."),
-    space: str = typer.Option("gated", help="moe: 'gated' (X-LoRA-style gate on the layer input) or 'core' (CoMoL-style)."),
-    mode: str = typer.Option("token", help="arrow: route per 'token' or per 'request'."),
-    budget: int = typer.Option(40, help="lorahub: loss evaluations."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Adapters kept per prompt/token (knn: neighbours)." + SEE),
+    temperature: float | None = typer.Option(None, help="Softmax temperature." + SEE),
+    epochs: int | None = typer.Option(None, help="Training epochs (classifier, moe)." + SEE),
+    lr: float | None = typer.Option(None, help="Learning rate (classifier, moe)." + SEE),
+    space: str | None = typer.Option(None, help="moe: 'gated' (X-LoRA-style gate on the layer input) or 'core' "
+                                                "(CoMoL-style)." + SEE),
+    mode: str | None = typer.Option(None, help="arrow: route per 'token' or per 'request'." + SEE),
+    budget: int | None = typer.Option(None, help="lorahub: loss evaluations." + SEE),
     seed: int = typer.Option(0, help="Seed for training and search."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
     """Train (or build, for data-free Arrow) a router over ADAPTERS and write it to OUTPUT."""
     try:
-        router = build_router(adapters or [], kind=kind, data=data, base_model=base_model, embedder=embedder,
+        router = build_router(adapters or [], kind=kind, data=_data_source(data), base_model=base_model, embedder=embedder,
                               layer=layer, twin=twin, top_k=top_k, temperature=temperature, epochs=epochs, lr=lr,
                               space=space, mode=mode, budget=budget, seed=seed)
         out = router.save(output, force=force)
@@ -103,91 +66,56 @@ def train(
     console.print(f"wrote a {router.kind} router over {', '.join(router.adapter_names)} to {out}")
 
 
-def build_router(adapters: list[str], *, kind: str, data: Path | None, base_model: Path | None, embedder: str,
-                 layer: int, twin: Path | None, top_k: int | None, temperature: float | None, epochs: int | None,
-                 lr: float | None, space: str, mode: str, budget: int, seed: int):
-    """The work behind ``route train`` (a function, so Python callers and tests can use it)."""
-    from .request import (
-        ArrowRouter,
-        CentroidRouter,
-        ClassifierRouter,
-        MiniLMEmbedder,
-        NearestNeighbourRouter,
-        PooledHiddenEmbedder,
-        lorahub_search,
-        task_examples,
-    )
+def _data_source(items: list[str] | None):
+    """``--data`` values: one file, several files, or NAME=FILE items (the data reader's CLI form)."""
+    if not items:
+        return None
+    from loramerge.data.examples import parse_data_specs
 
-    if kind not in KINDS:
-        raise RecipeError(f"unknown router kind '{kind}'", fix=f"use one of: {', '.join(KINDS)}")
-    if twin is not None and adapters:
-        raise RecipeError("give adapters or --twin, not both", fix="a twin bundle brings its own task adapters")
-    names, paths = parse_adapters(adapters)
-    if kind == "arrow":
-        if not paths:
-            raise RecipeError("Arrow needs the adapters", fix="list the adapters to route over")
-        return ArrowRouter.from_adapters(paths, names=names, top_k=top_k or 3, temperature=temperature or 1.0,
-                                         seed=seed, mode=mode)
-    if data is None:
-        raise RecipeError(f"a {kind} router learns from data", fix="pass --data FILE.jsonl")
-    if kind == "lorahub":
-        model, tokenizer = load_base(base_model, needed_for="LoraHub")
-        controller = _attach(model, names, paths, twin)
-        return lorahub_search(controller, tokenizer, _read_pairs(data), budget=budget, seed=seed)
-    examples = task_examples(data)
-    if kind == "moe":
-        from .moe import GateRouter, softmax_gates, train_gates
-
-        model, tokenizer = load_base(base_model, needed_for="a MoE gate")
-        controller = _attach(model, names, paths, twin, core=space == "core")
-        gates = softmax_gates(controller, top_k=top_k, temperature=temperature or 1.0)
-        train_gates(controller, tokenizer, examples[0], gates=gates, epochs=epochs or 3, lr=lr or 1e-2, seed=seed)
-        return GateRouter.from_controller(controller, config={"space": space, "trained_on": str(data)})
-    route_names = names or None
-    if embedder == "minilm":
-        features = MiniLMEmbedder()
-    elif embedder == "base":
-        model, tokenizer = load_base(base_model, needed_for="base-model embeddings")
-        controller = _attach(model, names, paths, twin) if twin is not None else None
-        features = PooledHiddenEmbedder(model, tokenizer, layer=layer, controller=controller,
-                                        gate_weights={"shared": 1.0} if twin is not None else None)
-        if controller is not None:
-            route_names = [n for n in controller.adapter_names if n != "shared"]
-    else:
-        raise RecipeError(f"unknown embedder '{embedder}'", fix="use 'base' or 'minilm'")
-    if twin is not None and route_names is None:
-        from loramerge.artifacts.twin import load_twin
-
-        route_names = load_twin(twin).task_names
-    if kind == "centroid":
-        return CentroidRouter.fit(examples, features, adapter_names=route_names, top_k=top_k or 1,
-                                  temperature=temperature or 0.1)
-    if kind == "knn":
-        return NearestNeighbourRouter.fit(examples, features, adapter_names=route_names, k=top_k or 8)
-    return ClassifierRouter.fit(examples, features, adapter_names=route_names, epochs=epochs or 50,
-                                lr=lr or 5e-4, seed=seed)
+    return parse_data_specs(items)
 
 
-def _attach(model, names: list[str], paths: list[str], twin: Path | None, core: bool = False):
-    from .gated import attach_gated_lora, attach_twin
+def build_router(adapters: list[str], *, kind: str, data=None, base_model: Path | None = None,
+                 embedder: str = "base", layer: int = -1, twin: Path | None = None, top_k: int | None = None,
+                 temperature: float | None = None, epochs: int | None = None, lr: float | None = None,
+                 space: str | None = None, mode: str | None = None, budget: int | None = None, seed: int = 0):
+    """The work behind ``route train``: the registry's class for ``kind`` builds itself from the inputs.
 
-    if twin is not None:
-        if core:
-            raise RecipeError("core-space gates over a twin bundle are not supported", fix="use --space gated")
-        return attach_twin(model, twin)
-    if not paths:
-        raise RecipeError("this router needs the adapters", fix="list the adapters (name=path) to route over")
-    if core:
-        from .moe import attach_core_space
+    Settings left at None take the router class's own defaults (its ``Options``); a setting the kind does
+    not take is refused before any work.
+    """
+    from .inputs import RouterInputs
+    from .registry import router_class, router_options
 
-        return attach_core_space(model, paths, names=names)
-    return attach_gated_lora(model, paths, names=names)
+    options = router_options(kind, {"top_k": top_k, "temperature": temperature, "epochs": epochs, "lr": lr,
+                                    "space": space, "mode": mode, "budget": budget})
+    inputs = RouterInputs(list(adapters), data=data, base_model=base_model, embedder=embedder, layer=layer,
+                          twin=twin, seed=seed)
+    return router_class(kind, trainable=True).from_inputs(inputs, options)
+
+
+@app.command("kinds")
+def kinds() -> None:
+    """The router kinds `route train` builds, and the settings each takes with its defaults."""
+    import dataclasses
+
+    from .registry import ROUTERS, TRAINABLE_KINDS
+
+    table = Table(title="router kinds (route train)")
+    for col in ("kind", "settings (defaults)", "what"):
+        table.add_column(col)
+    for kind in TRAINABLE_KINDS:
+        cls = ROUTERS[kind]
+        settings = ", ".join(f"--{f.name.replace('_', '-')} {'all' if f.default is None else f.default}"
+                             for f in dataclasses.fields(cls.Options))
+        table.add_row(kind, settings, (cls.__doc__ or "").strip().splitlines()[0].replace("``", ""))
+    console.print(table)
 
 
 @app.command("eval")
 def evaluate(
     router_dir: Path = typer.Argument(..., help="Router artifact directory."),
-    data: Path = typer.Option(..., help='JSONL of {"text", "task"}.'),
+    data: list[str] = typer.Option(..., help=DATA_HELP),
     base_model: Path | None = typer.Option(None, "--base-model", help="Base model (for base-model embeddings, "
                                                                      "arrow, moe, and task scores)."),
     adapters: list[str] = typer.Option(None, "--adapter", "-a", help="name=path of an adapter the router routes "
@@ -198,7 +126,7 @@ def evaluate(
 ) -> None:
     """Routing accuracy (overall, per task, confusion) of ROUTER_DIR on DATA; LM loss per task when adapters are given."""
     try:
-        result = evaluate_router(router_dir, data, base_model=base_model, adapters=adapters or [], twin=twin)
+        result = evaluate_router(router_dir, _data_source(data), base_model=base_model, adapters=adapters or [], twin=twin)
     except LoramergeError as exc:
         fail(exc)
         return
@@ -207,10 +135,13 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def evaluate_router(router_dir: Path, data: Path, *, base_model: Path | None = None, adapters: list[str] = (),
+def evaluate_router(router_dir: Path, data, *, base_model: Path | None = None, adapters: list[str] = (),
                     twin: Path | None = None) -> dict:
     """Routing accuracy and (with a model and adapters) mean LM loss per task: routed / oracle / uniform."""
-    from .request import load_router, task_examples
+    from .artifact import read_artifact
+    from .data import task_examples
+    from .inputs import attach, load_base, parse_adapters
+    from .registry import load_router
 
     texts, labels = task_examples(data)
     model = tokenizer = controller = None
@@ -218,10 +149,8 @@ def evaluate_router(router_dir: Path, data: Path, *, base_model: Path | None = N
         model, tokenizer = load_base(base_model, needed_for="evaluation")
     names, paths = parse_adapters(list(adapters))
     if model is not None and (paths or twin is not None):
-        from .artifact import read_artifact
-
         core = read_artifact(router_dir).config.get("layer") == "core"
-        controller = _attach(model, names, paths, twin, core=core)
+        controller = attach(model, names, paths, twin, core=core)
     router = load_router(router_dir, model=model, tokenizer=tokenizer, controller=controller)
     predicted = router.predict(texts)
     tasks = sorted(set(labels) | set(router.adapter_names))
@@ -239,10 +168,19 @@ def evaluate_router(router_dir: Path, data: Path, *, base_model: Path | None = N
     return result
 
 
-@torch.no_grad()
 def task_scores(controller, tokenizer, router, texts: list[str], labels: list[str]) -> dict[str, dict[str, float]]:
     """Mean LM loss per task with the router's composition, the gold adapter (oracle) and the uniform mean."""
-    from .request import ensure_pad_token, lm_batch, per_sample_lm_loss
+    import torch
+
+
+    with torch.no_grad():
+        return _task_scores(controller, tokenizer, router, texts, labels)
+
+
+def _task_scores(controller, tokenizer, router, texts: list[str], labels: list[str]) -> dict[str, dict[str, float]]:
+    import torch
+
+    from .lm_loss import ensure_pad_token, lm_batch, per_sample_lm_loss
 
     ensure_pad_token(tokenizer)
     routed_names = [n for n in controller.adapter_names if n not in controller.fixed]
@@ -284,4 +222,4 @@ def _print_eval(result: dict) -> None:
     console.print(table)
 
 
-__all__ = ["app", "build_router", "evaluate_router", "parse_adapters", "task_scores"]
+__all__ = ["app", "build_router", "evaluate_router", "task_scores"]

@@ -10,9 +10,10 @@ from rich.table import Table
 
 from loramerge.demo.run import TASKS, task_sequences
 
+from .embedders import PooledHiddenEmbedder
 from .gated import attach_gated_lora
 from .generate import generate_routed
-from .request import CentroidRouter, PooledHiddenEmbedder
+from .similarity import CentroidRouter
 
 
 def run_routed_demo(base_dir: Path, adapters: dict[str, Path], console: Console) -> float:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 
-from loramerge.demo.toy import make_adapter, save_base, tiny_gpt2, tiny_llama
+from loramerge.demo.toy import make_adapter, save_base, tiny_llama
 
 torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network

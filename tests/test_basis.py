@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_peft_forward, hidden_leftovers
 from typer.testing import CliRunner
 
 from loramerge import load_adapter
 from loramerge.artifacts.basis import MANIFEST_NAME, build_basis, extract_task, load_basis
 from loramerge.cli.artifacts import basis_app
-from loramerge.demo.toy import assert_peft_forward, hidden_leftovers
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
 
 

@@ -120,7 +120,7 @@ def ref_star_one(d, eta):
 
 
 def ref_star(ds, weights, eta=40.0, lam=1.0):
-    return lam * sum(ref_star_one(d, eta) for d in ds) / sum(weights)
+    return lam * sum(ref_star_one(d, eta) for d in ds if d.any()) / sum(weights)  # a zero task vector adds 0
 
 
 def ref_joint_coordinates(ds):
@@ -356,10 +356,12 @@ def _peft_deltas(base, paths) -> list[dict[str, torch.Tensor]]:
 
 
 def _reference_merge(method: str, per_adapter: list[dict], weights, names) -> dict[str, torch.Tensor]:
-    """The dense reference of ``method`` on every module, over the adapters that have it."""
+    """The dense reference of ``method`` on every module; an adapter without a module is a zero task vector there."""
     modules = sorted({m for d in per_adapter for m in d})
-    present = {m: [i for i, d in enumerate(per_adapter) if m in d] for m in modules}
-    ds = {m: [weights[i] * per_adapter[i][m] for i in present[m]] for m in modules}
+    shapes = {m: next(d[m] for d in per_adapter if m in d) for m in modules}
+    ds = {m: [weights[i] * per_adapter[i].get(m, torch.zeros_like(shapes[m])) for i in range(len(per_adapter))]
+          for m in modules}
+    present = {m: list(range(len(per_adapter))) for m in modules}  # zero task vectors take part (zero coordinates)
     if method == "knots":  # global TIES trim (the default, density 0.2): thresholds over every module's coordinates
         coords = {m: ref_joint_coordinates(ds[m])[1] for m in modules}
         pooled = {n: torch.cat([coords[m][j].reshape(-1) for m in modules for j, i in enumerate(present[m])
@@ -375,9 +377,9 @@ def _reference_merge(method: str, per_adapter: list[dict], weights, names) -> di
         elif method == "iso_c":
             out[m] = ref_iso_c(d)
         elif method == "iso_cts":
-            out[m] = ref_iso_cts(d, min(sum(_RANKS[i] for i in idx), *d[0].shape))
+            out[m] = ref_iso_cts(d, min(sum(_RANKS[i] for i in idx if m in per_adapter[i]), *d[0].shape))
         else:
-            out[m] = ref_star(d, [weights[i] for i in idx])
+            out[m] = ref_star(d, list(weights))
     return out
 
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import assert_peft_forward, hidden_leftovers
 from typer.testing import CliRunner
 
 from loramerge import load_adapter, merge
 from loramerge.artifacts.twin import build_twin, compose_twin, load_twin, parse_weights, write_composed
 from loramerge.cli.artifacts import twin_app
-from loramerge.demo.toy import assert_peft_forward, hidden_leftovers
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
 
 

@@ -12,7 +12,10 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from loramerge.errors import RecipeError
+from loramerge.core.adapter_set import AdapterSet
+from loramerge.errors import OutputError, RecipeError
+from loramerge.merging.engine import run_merge
+from loramerge.merging.recipe import parse_recipe
 
 
 @dataclass
@@ -106,16 +109,31 @@ def compare_methods(
     *,
     evaluator: LossEvaluator | None = None,
     weights: list[float] | None = None,
+    force: bool = False,
 ) -> list[CompareRow]:
-    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result."""
-    from loramerge.merging.engine import merge
+    """Merge ``adapters`` once per (method, options) run into ``workdir`` and measure each result.
 
+    The adapters are opened and checked once (one AdapterSet) and every run goes through the one engine.
+    Files already in ``workdir`` (an earlier comparison's adapters, its plot) are replaced only with ``force``;
+    that is checked for every run before the first merge.
+    """
+    if weights is not None and len(weights) != len(adapters):
+        raise RecipeError(f"{len(weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
+    outs = [Path(workdir) / _dirname(run_label(method, options)) for method, options in runs]
+    taken = [p for p in [*outs, Path(workdir) / "comparison.png"] if p.exists()]
+    if taken and not force:
+        raise OutputError(f"the work directory already holds {', '.join(p.name for p in taken)}", path=str(workdir),
+                          fix="choose a new --output directory, or pass --force (force=True) to replace them")
+    opened = AdapterSet.open(list(adapters))
+    entries = [{"path": str(a.source.local_path), "name": a.name, "weight": 1.0 if weights is None else weights[i]}
+               for i, a in enumerate(opened)]
     rows = []
-    for method, options in runs:
+    for (method, options), out in zip(runs, outs):
         label = run_label(method, options)
-        out = Path(workdir) / _dirname(label)
         started = time.perf_counter()
-        result = merge(adapters=adapters, method=method, weights=weights, output=out, force=True, **options)
+        recipe = parse_recipe({"method": method, "adapters": entries, **options}, source=f"compare run '{label}'")
+        result = run_merge(recipe, adapters=opened, show_progress=False)
+        result.save(out, force=force)
         row = CompareRow(label=label, total_rank=result.total_rank, max_rel_error=result.max_rel_error,
                          seconds=time.perf_counter() - started, output=out,
                          kib=(out / "adapter_model.safetensors").stat().st_size / 1024)

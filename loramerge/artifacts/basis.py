@@ -31,7 +31,9 @@ from typing import Literal
 import torch
 
 from loramerge.artifacts.manifest import read_manifest
-from loramerge.core.adapter import LoraAdapter, LoraFactors, ModuleKind, load_adapter
+from loramerge.core.adapter import LoraAdapter, LoraFactors, ModuleKind
+from loramerge.core.adapter_set import AdapterLike, AdapterSet, target_modules_for
+from loramerge.core.dtypes import dtype_name, to_torch
 from loramerge.core.factored import factored_svd
 from loramerge.core.progress import progress_bar
 from loramerge.errors import AdapterLoadError, OutputError, RecipeError
@@ -45,7 +47,6 @@ BASIS_FORMAT_VERSION = 1
 MANIFEST_NAME = "basis.json"
 WEIGHTS_NAME = "basis.safetensors"
 _WORK = torch.float64
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -245,28 +246,6 @@ def load_basis(path: str | Path) -> BasisArtifact:
 # Build and extract
 # ---------------------------------------------------------------------------------------------------------------------
 
-def load_tasks(adapters: Sequence[str | Path | LoraAdapter], names: Sequence[str] | None) -> list[LoraAdapter]:
-    """Open the task adapters and give each a distinct name (``names`` or the directory names)."""
-    loaded = [a if isinstance(a, LoraAdapter) else load_adapter(a) for a in adapters]
-    if not loaded:
-        raise RecipeError("no adapters given", fix="pass at least one adapter directory")
-    if names is not None:
-        if len(names) != len(loaded):
-            raise RecipeError(f"{len(names)} names for {len(loaded)} adapters", fix="give one name per adapter")
-        for adapter, name in zip(loaded, names, strict=True):
-            adapter.name = name
-    seen: dict[str, int] = {}
-    for adapter in loaded:
-        if adapter.name in seen:
-            raise RecipeError(f"two adapters are both named '{adapter.name}'",
-                              fix="give distinct names (names=[...] / rename a directory)")
-        seen[adapter.name] = 1
-    paths = [a.source.local_path for a in loaded]
-    if len(set(paths)) != len(paths):
-        raise RecipeError("the same adapter is listed twice", fix="list each adapter once")
-    return loaded
-
-
 def _check_k(k: int, n_tasks: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise RecipeError(f"the basis size k must be a positive integer, got {k!r}", fix="use 1 <= k <= number of tasks")
@@ -276,9 +255,7 @@ def _check_k(k: int, n_tasks: int) -> None:
 
 
 def _task_record(adapter: LoraAdapter, modules: list[str]) -> dict:
-    from loramerge.merging.engine import target_modules_for
-
-    dtype = str(adapter.dtype).replace("torch.", "")
+    dtype = dtype_name(adapter.dtype)
     return {
         "name": adapter.name, "source": adapter.source.reference, "revision": adapter.source.revision,
         "sha256": adapter.sha256, "base_model": adapter.base_model, "task_type": adapter.config.get("task_type"),
@@ -288,7 +265,7 @@ def _task_record(adapter: LoraAdapter, modules: list[str]) -> dict:
 
 
 def build_basis(
-    adapters: Sequence[str | Path | LoraAdapter],
+    adapters: Sequence[AdapterLike] | AdapterSet,
     k: int,
     out_dir: str | Path,
     *,
@@ -303,16 +280,14 @@ def build_basis(
     The manifest records the storage ratio (stored parameters / the tasks' factor parameters)
     and each task's relative reconstruction error of delta_W (over its modules, and the worst module).
     """
-    from loramerge.merging.engine import check_compatible
-
     if granularity not in ("module", "row"):
         raise RecipeError(f"granularity must be 'module' or 'row', got {granularity!r}",
                           fix="use granularity='module' (one basis per factor) or 'row' (one per row)")
-    tasks = load_tasks(adapters, names)
+    tasks = adapters if isinstance(adapters, AdapterSet) and names is None else AdapterSet.open(list(adapters), names=names)
     _check_k(k, len(tasks))
-    base_model = check_compatible(tasks, None)
+    base_model = tasks.base_model
     out = check_output_path(Path(out_dir), force=force, inputs=[a.source.local_path for a in tasks])
-    module_names = sorted({m for a in tasks for m in a.modules})
+    module_names = tasks.module_names
     tensors: dict[str, torch.Tensor] = {}
     module_records: dict[str, dict] = {}
     err_sq = [0.0] * len(tasks)
@@ -393,8 +368,7 @@ def extract_task(basis_dir: str | Path, task: str, out_dir: str | Path, *, force
     artifact = load_basis(basis_dir)
     index = artifact.task_index(task)
     record = artifact.manifest["tasks"][index]
-    if dtype is not None and dtype not in _DTYPES:
-        raise RecipeError(f"unknown dtype '{dtype}'", fix=f"use one of: {', '.join(_DTYPES)}")
+    out_dtype = to_torch(dtype or record.get("dtype", "float32"))
     out = check_output_path(Path(out_dir), force=force, inputs=[artifact.path])
     modules = artifact.task_modules(task)
     config = build_lora_config(modules, base_model=record["base_model"], target_modules=record["target_modules"],
@@ -408,7 +382,7 @@ def extract_task(basis_dir: str | Path, task: str, out_dir: str | Path, *, force
         f"(worst module {record['max_module_rel_error']:.3g}).",
         f"Original adapter: `{record['source']}` (sha256 `{record['sha256']}`).",
     ])
-    write_adapter(out, modules, config, dtype=_DTYPES[dtype or record.get("dtype", "float32")], card=card,
+    write_adapter(out, modules, config, dtype=out_dtype, card=card,
                   extra_files={"loramerge.json": json.dumps(provenance, indent=2) + "\n"},
                   metadata={"loramerge_artifact": "basis-extract", "loramerge_version": __version__}, force=force)
     return out
@@ -416,7 +390,7 @@ def extract_task(basis_dir: str | Path, task: str, out_dir: str | Path, *, force
 
 __all__ = [
     "BasisArtifact", "BasisModule", "FactorPCA", "build_basis", "canonical_factors", "extract_task",
-    "fit_factor_pca", "load_basis", "load_tasks", "product_error",
+    "fit_factor_pca", "load_basis", "product_error",
 ]
 
 

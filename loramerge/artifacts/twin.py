@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,17 @@ from typing import Any
 
 import torch
 
-from loramerge.artifacts.basis import load_tasks
 from loramerge.artifacts.manifest import read_manifest
 from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.adapter_set import AdapterLike, AdapterSet
+from loramerge.core.dtypes import to_torch
 from loramerge.core.factored import factored_svd
+from loramerge.core.names import check_name, parse_weights
 from loramerge.core.progress import progress_bar
 from loramerge.errors import NumericalError, OutputError, RecipeError
 from loramerge.io.writer import OutputModule, atomic_directory, build_lora_config, check_output_path, write_adapter
+from loramerge.merging.engine import run_merge
+from loramerge.merging.recipe import parse_recipe
 from loramerge.version import __version__
 
 TWIN_FORMAT = "loramerge-twin"
@@ -46,8 +49,6 @@ EXPERTS_DIR = "experts"
 DEFAULT_RESIDUAL_RANK = 8
 """The LoRA path of the reference code keeps rank 8 per residual."""
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -178,15 +179,13 @@ def load_twin(path: str | Path) -> TwinBundle:
     return TwinBundle(path=path.resolve(), manifest=manifest, shared=shared, residuals=residuals)
 
 
-def _check_names(tasks: list[LoraAdapter]) -> None:
+def _check_names(tasks: AdapterSet) -> None:
     for adapter in tasks:
-        if not _SAFE_NAME.match(adapter.name) or adapter.name == "shared":
-            raise RecipeError(f"task name '{adapter.name}' cannot name an expert directory",
-                              fix="give names of letters, digits and _ . + - (names=[...]); 'shared' is reserved")
+        check_name(adapter.name, "task", reserved=(SHARED_DIR,))
 
 
 def build_twin(
-    adapters: Sequence[str | Path | LoraAdapter],
+    adapters: Sequence[AdapterLike] | AdapterSet,
     out_dir: str | Path,
     *,
     shared_method: str = "task_arithmetic",
@@ -207,13 +206,10 @@ def build_twin(
     none. The residual keeps ``residual_rank`` triplets (default 8) or ``residual_fraction`` of its
     numerical rank (1.0 keeps it exactly, so shared + residual_t is task t's own delta).
     """
-    from loramerge.merging.engine import run_merge
-    from loramerge.merging.recipe import parse_recipe
-
     policy = ResidualPolicy.from_options(residual_rank, residual_fraction)
     if shared_parameters is None:
         shared_parameters = {"lambda": 0.3} if shared_method in ("task_arithmetic", "linear") else {}
-    tasks = load_tasks(adapters, names)
+    tasks = adapters if isinstance(adapters, AdapterSet) and names is None else AdapterSet.open(list(adapters), names=names)
     _check_names(tasks)
     if weights is not None and len(weights) != len(tasks):
         raise RecipeError(f"{len(weights)} weights for {len(tasks)} adapters", fix="give one weight per adapter")
@@ -282,22 +278,6 @@ def _write_bundle(out: Path, shared: Any, residuals: dict[str, list[OutputModule
 # Composition
 # ---------------------------------------------------------------------------------------------------------------------
 
-def parse_weights(text: str) -> dict[str, float]:
-    """``"a=0.7,b=0.3"`` -> {"a": 0.7, "b": 0.3} (the CLI and server form)."""
-    out: dict[str, float] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = item.partition("=")
-        try:
-            if not sep or not name.strip():
-                raise ValueError
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise RecipeError(f"cannot read weight '{item}'", fix="write weights as name=0.7,other=0.3") from None
-    if not out:
-        raise RecipeError("no weights given", fix="write weights as name=0.7,other=0.3")
-    return out
-
-
 def _check_weights(bundle: TwinBundle, weights: Mapping[str, float]) -> dict[str, float]:
     for task, w in weights.items():
         bundle.check_task(task)
@@ -329,8 +309,7 @@ def write_composed(bundle_dir: str | Path, weights: Mapping[str, float], out_dir
     """Compose the bundle with ``weights`` and write the result as a PEFT adapter."""
     bundle = load_twin(bundle_dir)
     active = _check_weights(bundle, weights)
-    if dtype is not None and dtype not in _DTYPES:
-        raise RecipeError(f"unknown dtype '{dtype}'", fix=f"use one of: {', '.join(_DTYPES)}")
+    out_dtype = to_torch(dtype) if dtype else bundle.shared.dtype
     out = check_output_path(Path(out_dir), force=force, inputs=[bundle.path])
     modules = compose_twin(bundle, weights)
     shared_cfg = bundle.shared.config
@@ -346,7 +325,7 @@ def write_composed(bundle_dir: str | Path, weights: Mapping[str, float], out_dir
     ])
     provenance = {"loramerge_version": __version__, "bundle": str(bundle.path), "weights": active,
                   "tasks": bundle.manifest["tasks"], "shared": bundle.manifest["shared"]}
-    write_adapter(out, modules, config, dtype=_DTYPES[dtype] if dtype else bundle.shared.dtype, card=card,
+    write_adapter(out, modules, config, dtype=out_dtype, card=card,
                   extra_files={"loramerge.json": json.dumps(provenance, indent=2) + "\n"},
                   metadata={"loramerge_artifact": "twin-composed", "loramerge_version": __version__}, force=force)
     return out

@@ -1,31 +1,34 @@
-"""The merge driver: stream modules from the input adapters through one method into a PEFT adapter."""
+"""The one merge engine: stream the modules of an AdapterSet through a method and the rank policy.
+
+``merge_modules`` is the single driver. ``run_merge`` / ``merge`` (the API and the CLI), ``compare``,
+``twin build`` (its shared adapter) and the serving composer call it; nothing else loops over modules
+applying a method. Writing a result is I/O's job (``loramerge.io.merged``).
+"""
 
 from __future__ import annotations
 
-import json
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ValidationError
 
-from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.adapter import LoraAdapter, LoraFactors
+from loramerge.core.adapter_set import AdapterSet, check_compatible, target_modules_for
 from loramerge.core.factored import Compressed, RankPolicy, compress_dense, compress_factored
 from loramerge.core.ops import derive_seed
 from loramerge.core.progress import progress_bar
-from loramerge.errors import IncompatibleAdaptersError, NumericalError, RecipeError
-from loramerge.io.card import model_card
-from loramerge.io.writer import OutputModule, build_lora_config, check_output_path, write_adapter
-from loramerge.merging.methods import Dense, MergeMethod, ModuleInputs, get_method
+from loramerge.errors import NumericalError, RecipeError
+from loramerge.io.writer import OutputModule, check_output_path
+from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
+from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 from loramerge.merging.methods.core_space import method_function
-from loramerge.merging.recipe import AdapterEntry, Recipe, load_recipe, parse_recipe, recipe_to_yaml
-from loramerge.version import __version__
+from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,152 @@ class ModuleReport:
     input_ranks: tuple[int, ...]
     rank: int
     rel_error: float
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What to do to every module: a method with its config, the adapters' weights, the rank policy."""
+
+    method: MergeMethod
+    config: MethodConfig
+    weights: tuple[float, ...]
+    policy: RankPolicy
+    factorwise: bool = False
+    seed: int = 0
+    space: str = "dense"
+    """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
+
+    @classmethod
+    def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
+              rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0,
+              space: str = "dense") -> MergePlan:
+        """Resolve ``method`` in the registry, validate its parameters and the rank policy."""
+        entry = get_method(method)
+        try:
+            config = entry.make_config(parameters)
+        except ValidationError as exc:
+            raise RecipeError(f"bad parameters for method '{entry.name}': {exc}",
+                              fix="`loramerge methods NAME` lists the method's parameters") from None
+        if factorwise and entry.factorwise is None:
+            raise RecipeError(f"method '{entry.name}' has no factorwise (PEFT) variant",
+                              fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
+        method_function(entry, space, factorwise=factorwise)  # refuses a space the method does not support
+        policy = RankPolicy.parse(rank)
+        if entry.fixed_rank is not None:
+            if policy.kind == "auto":
+                policy = entry.fixed_rank
+            elif policy != entry.fixed_rank:
+                raise RecipeError(f"method '{entry.name}' keeps rank {entry.fixed_rank.describe()}; "
+                                  f"it cannot use rank {policy.describe()}",
+                                  fix="drop the rank key, or use task_arithmetic with a rank policy")
+        return cls(method=entry, config=config, weights=tuple(float(w) for w in weights), policy=policy,
+                   factorwise=factorwise, seed=seed, space=space)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> MergePlan:
+        return cls.build(recipe.method, [e.weight for e in recipe.adapters], parameters=recipe.parameters,
+                         rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed,
+                         space=recipe.space)
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    """One output module and its report (input ranks, kept rank, relative error of the rank policy)."""
+
+    module: OutputModule
+    report: ModuleReport
+
+
+def module_inputs(adapters: AdapterSet, plan: MergePlan, name: str, *, device: str | torch.device = "cpu",
+                  context: Any = None) -> ModuleInputs:
+    """What the method sees for module ``name``: every adapter's factors, in the set's order.
+
+    An adapter that lacks the module is a ZERO task vector there (model-soup semantics), given to the
+    method as rank-0 factors, so that normalising methods (average, ``normalize: true``, STAR, LEGO's norm)
+    divide by all the weights, not only by the weights of the adapters that have the module.
+    """
+    present = set(adapters.present(name))
+    loaded = {i: adapters[i].factors(name, device=device) for i in sorted(present)}
+    first = next(iter(loaded.values()))
+    absent = LoraFactors(A=first.A.new_zeros(0, first.d_in), B=first.B.new_zeros(first.d_out, 0), kind=first.kind)
+    return ModuleInputs(
+        name=name, factors=tuple(loaded.get(i, absent) for i in range(len(adapters))),
+        weights=tuple(plan.weights), adapter_names=tuple(a.name for a in adapters), seed=plan.seed, context=context,
+    )
+
+
+def _check_finite_result(result: Any, inputs: ModuleInputs, method: str) -> None:
+    """NaN/Inf out of a method (an overflow, e.g. a huge weight) is a NumericalError naming the recipe entries whose
+    weighted delta overflows on its own, before the rank policy's SVD fails on it with a linear-algebra error."""
+    import torch
+
+    values = (result.delta,) if isinstance(result, Dense) else (result.B, result.A)
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        raise _overflow_error(inputs, method, "it produced NaN or Inf")
+
+
+def _overflow_error(inputs: ModuleInputs, method: str, what: str) -> NumericalError:
+    """Name the recipe entry with the largest weighted delta (the one that overflows, or the largest of a sum)."""
+    sizes = {n: abs(w) * float(f.B.abs().amax()) * float(f.A.abs().amax()) * f.rank
+             for f, w, n in zip(inputs.factors, inputs.weights, inputs.adapter_names) if f.rank}
+    worst = max(sizes, key=lambda n: sizes[n])
+    weight = inputs.weights[inputs.adapter_names.index(worst)]
+    return NumericalError(f"method '{method}': {what}: recipe entry '{worst}' (weight {weight:g}) has the largest "
+                          "weighted delta", module=inputs.name,
+                          fix=f"lower the weight of '{worst}' (or lambda); weighted deltas must stay well inside float32")
+
+
+def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
+    if isinstance(result, Dense):
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
+    return compress_factored(result.B, result.A, policy, ranks)
+
+
+def merge_modules(
+    adapters: AdapterSet,
+    plan: MergePlan,
+    *,
+    modules: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    show_progress: bool = False,
+) -> Iterator[MergedModule]:
+    """Merge module by module (natural order), yielding each output module with its report.
+
+    Runs the method's ``prepare`` pass (global statistics) first when it has one. Only one module's
+    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``.
+    """
+    import torch
+
+    if len(plan.weights) != len(adapters):
+        raise RecipeError(f"{len(plan.weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
+    method = plan.method
+    fn = method_function(method, plan.space, factorwise=plan.factorwise)
+    names = list(adapters.module_names if modules is None else modules)
+    context = None
+    if method.prepare is not None and not plan.factorwise:
+        context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
+    for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):
+        inputs = module_inputs(adapters, plan, name, device=device, context=context)
+        try:
+            result = fn(plan.config, inputs)
+        except ValueError as exc:
+            raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
+                              fix="change the adapters' weights or the method's parameters "
+                              "(`loramerge methods` lists them)") from exc
+        _check_finite_result(result, inputs, method.name)
+        try:
+            compressed = _finish(result, plan.policy, inputs.ranks, derive_seed(plan.seed, "compress", name))
+        except torch.linalg.LinAlgError as exc:  # finite but so large that the SVD's products overflow
+            raise _overflow_error(inputs, method.name, "its rank reduction overflowed") from exc
+        if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
+            raise NumericalError(f"method '{method.name}' produced NaN or Inf", module=name,
+                                 fix="check the weights and parameters (e.g. a density of 0 or a huge lambda)")
+        kind = adapters.info(name).kind
+        yield MergedModule(
+            module=OutputModule(name=name, kind=kind, A=compressed.A.cpu(), B=compressed.B.cpu()),
+            report=ModuleReport(name=name, input_ranks=tuple(inputs.ranks), rank=compressed.rank,
+                                rel_error=compressed.rel_error),
+        )
 
 
 @dataclass
@@ -49,6 +198,7 @@ class MergeResult:
     seconds: float
     output: Path | None = None
     adapters: list[LoraAdapter] = field(default_factory=list)
+    adapter_set: AdapterSet | None = None
 
     @property
     def max_rel_error(self) -> float:
@@ -63,6 +213,11 @@ class MergeResult:
         return sum(m.rank for m in self.modules)
 
     @property
+    def rank_range(self) -> tuple[int, int]:
+        ranks = [m.rank for m in self.modules]
+        return (min(ranks), max(ranks)) if ranks else (0, 0)
+
+    @property
     def num_parameters(self) -> int:
         return sum(m.A.numel() + m.B.numel() for m in self.modules)
 
@@ -70,96 +225,10 @@ class MergeResult:
         return {m.name: LoraFactors(A=m.A, B=m.B, kind=m.kind) for m in self.modules}
 
     def save(self, output: str | Path, *, force: bool = False) -> Path:
-        """Write the merged adapter (config, weights, model card) atomically."""
-        out = check_output_path(Path(output), force=force, inputs=[a.source.local_path for a in self.adapters])
-        card = model_card(self)
-        manifest = {
-            "loramerge_version": __version__,
-            "method": self.method.name,
-            "recipe": json.loads(self.recipe.model_dump_json()),
-            "inputs": [_input_record(a, e) for a, e in zip(self.adapters, self.recipe.adapters)],
-            "modules": [vars(r) | {"input_ranks": list(r.input_ranks)} for r in self.reports],
-        }
-        write_adapter(
-            out, self.modules, self.config, dtype=self.dtype, card=card, force=force,
-            extra_files={"loramerge.json": json.dumps(manifest, indent=2) + "\n"},
-            metadata={"loramerge_method": self.method.name, "loramerge_version": __version__},
-        )
-        self.output = out
-        return out
+        """Write the merged adapter atomically (kept for the API; the work is ``loramerge.io.merged.save``)."""
+        from loramerge.io.merged import save
 
-
-def _input_record(adapter: LoraAdapter, entry: AdapterEntry) -> dict:
-    return {
-        "name": adapter.name, "source": adapter.source.reference, "revision": adapter.source.revision,
-        "sha256": adapter.sha256, "weight": entry.weight, "base_model": adapter.base_model,
-    }
-
-
-def _unique_names(adapters: list[LoraAdapter], entries: list[AdapterEntry]) -> None:
-    explicit = [e.name for e in entries if e.name]
-    dup = [n for n, c in Counter(explicit).items() if c > 1]
-    if dup:
-        raise RecipeError(f"adapter name '{dup[0]}' is used twice", fix="give each adapter a distinct name")
-    paths = Counter(a.source.local_path for a in adapters)
-    twice = [p for p, c in paths.items() if c > 1]
-    if twice:
-        raise RecipeError("the same adapter is listed twice", path=str(twice[0]),
-                          fix="list it once and raise its weight instead")
-    seen: Counter[str] = Counter()
-    for adapter in adapters:
-        seen[adapter.name] += 1
-        if seen[adapter.name] > 1:
-            adapter.name = f"{adapter.name}-{seen[adapter.name]}"
-
-
-def check_compatible(adapters: list[LoraAdapter], base_model: str | None) -> str | None:
-    bases = {a.base_model for a in adapters if a.base_model}
-    if base_model is None and len(bases) > 1:
-        listing = "; ".join(f"{a.name}: {a.base_model}" for a in adapters)
-        raise IncompatibleAdaptersError(
-            f"the adapters were trained on different base models ({listing})",
-            fix="merge adapters of one base model; if these names denote the same weights, "
-            "set base_model in the recipe to accept them",
-        )
-    resolved = base_model or (bases.pop() if bases else None)
-    modules: dict[str, tuple[LoraAdapter, int, int, str]] = {}
-    for adapter in adapters:
-        for name, info in adapter.modules.items():
-            if name not in modules:
-                modules[name] = (adapter, info.d_in, info.d_out, info.kind)
-                continue
-            first, d_in, d_out, kind = modules[name]
-            if (info.d_in, info.d_out, info.kind) != (d_in, d_out, kind):
-                raise IncompatibleAdaptersError(
-                    f"shape mismatch: '{first.name}' has {kind} {d_out}x{d_in}, "
-                    f"'{adapter.name}' has {info.kind} {info.d_out}x{info.d_in}",
-                    path=str(adapter.weights_path), module=name,
-                    fix="these adapters belong to different base models; merge adapters of one base model",
-                )
-    return resolved
-
-
-def target_modules_for(adapters: list[LoraAdapter], module_names: list[str]) -> list[str] | str:
-    """The union of the inputs' target lists when they are plain lists, else the exact module names."""
-    lists = [a.config.get("target_modules") for a in adapters]
-    plain = all(isinstance(t, list) for t in lists) and not any(a.config.get("layers_to_transform") for a in adapters)
-    if plain:
-        return sorted({t for tl in lists for t in tl})
-    return sorted(module_names)
-
-
-def _output_dtype(name: str, adapters: list[LoraAdapter]) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    dtypes = {a.dtype for a in adapters}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
-    if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
-    return compress_factored(result.B, result.A, policy, ranks)
+        return save(self, output, force=force)
 
 
 def run_merge(
@@ -167,64 +236,27 @@ def run_merge(
     *,
     device: str = "cpu",
     show_progress: bool = True,
-    adapters: list[LoraAdapter] | None = None,
+    adapters: AdapterSet | Sequence[LoraAdapter] | None = None,
 ) -> MergeResult:
     """Merge in memory (the output is small: LoRA factors). ``MergeResult.save`` writes it."""
     started = time.perf_counter()
-    method = get_method(recipe.method)
-    cfg = method.make_config(recipe.parameters)
-    fn = method_function(method, recipe.space, factorwise=recipe.factorwise)
-    policy = method.fixed_rank if method.fixed_rank and recipe.rank == "auto" else recipe.rank_policy
-    if method.fixed_rank and policy != method.fixed_rank:
-        raise RecipeError(f"method '{method.name}' keeps rank {method.fixed_rank.describe()}; "
-                          f"it cannot use rank {policy.describe()}",
-                          fix="drop the rank key, or use task_arithmetic with a rank policy")
+    plan = MergePlan.from_recipe(recipe)
+    names = [e.name for e in recipe.adapters]
     if adapters is None:
-        adapters = [load_adapter(e.path, name=e.name, revision=e.revision, allow_pickle=recipe.allow_pickle)
-                    for e in recipe.adapters]
-    _unique_names(adapters, list(recipe.adapters))
-    base_model = check_compatible(adapters, recipe.base_model)
-    weights = [e.weight for e in recipe.adapters]
-    module_names = sorted({m for a in adapters for m in a.modules})
+        adapters = AdapterSet.open([e.path for e in recipe.adapters], names=names,
+                                   revisions=[e.revision for e in recipe.adapters],
+                                   allow_pickle=recipe.allow_pickle, base_model=recipe.base_model)
+    elif not isinstance(adapters, AdapterSet):
+        adapters = AdapterSet.of(adapters, names=names, base_model=recipe.base_model)
+    merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress))
+    out_modules = [m.module for m in merged]
+    from loramerge.core.dtypes import to_torch
 
-    def module_inputs(name: str, context: Any = None) -> ModuleInputs:
-        present = [i for i, a in enumerate(adapters) if name in a.modules]
-        return ModuleInputs(
-            name=name, factors=tuple(adapters[i].factors(name, device=device) for i in present),
-            weights=tuple(weights[i] for i in present),
-            adapter_names=tuple(adapters[i].name for i in present), seed=recipe.seed, context=context,
-        )
-
-    context = None
-    if method.prepare is not None and not recipe.factorwise:
-        context = method.prepare(cfg, lambda: (module_inputs(n) for n in module_names))
-    out_modules: list[OutputModule] = []
-    reports: list[ModuleReport] = []
-    for name in progress_bar(module_names, description=f"merging ({method.name})", enabled=show_progress):
-        inputs = module_inputs(name, context)
-        factors = inputs.factors
-        try:
-            result = fn(cfg, inputs)
-        except ValueError as exc:
-            raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
-                              fix="change the adapters' weights or the method's parameters "
-                              "(`loramerge methods` lists them)") from exc
-        compressed = _finish(result, policy, inputs.ranks, derive_seed(recipe.seed, "compress", name))
-        if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
-            raise NumericalError(f"method '{method.name}' produced NaN or Inf", module=name,
-                                 fix="check the weights and parameters (e.g. a density of 0 or a huge lambda)")
-        out_modules.append(OutputModule(name=name, kind=factors[0].kind, A=compressed.A.cpu(), B=compressed.B.cpu()))
-        reports.append(ModuleReport(name=name, input_ranks=tuple(inputs.ranks), rank=compressed.rank,
-                                    rel_error=compressed.rel_error))
-    task_types = {a.config.get("task_type") for a in adapters}
-    config = build_lora_config(
-        out_modules, base_model=base_model, target_modules=target_modules_for(adapters, module_names),
-        task_type=task_types.pop() if len(task_types) == 1 else None,
-        fan_in_fan_out=any(a.config.get("fan_in_fan_out") for a in adapters),
-    )
+    dtype = adapters.dtype if recipe.dtype == "auto" else to_torch(recipe.dtype)
     return MergeResult(
-        method=method, recipe=recipe, modules=out_modules, reports=reports, config=config,
-        dtype=_output_dtype(recipe.dtype, adapters), seconds=time.perf_counter() - started, adapters=adapters,
+        method=plan.method, recipe=recipe, modules=out_modules, reports=[m.report for m in merged],
+        config=adapters.lora_config(out_modules, base_model=recipe.base_model), dtype=dtype,
+        seconds=time.perf_counter() - started, adapters=list(adapters), adapter_set=adapters,
     )
 
 
@@ -286,4 +318,8 @@ def merge(
     return result
 
 
-__all__ = ["MergeResult", "ModuleReport", "merge", "run_merge", "recipe_to_yaml"]
+# Kept for callers of the old names (one release): the checks live in loramerge.core.adapter_set.
+__all__ = [
+    "MergePlan", "MergeResult", "MergedModule", "ModuleReport", "check_compatible", "merge", "merge_modules",
+    "module_inputs", "recipe_to_yaml", "run_merge", "target_modules_for",
+]

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loramerge.core.factored import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.errors import RecipeError
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -37,6 +37,13 @@ class AdapterEntry(BaseModel):
     weight: float = 1.0
     name: str | None = None
     revision: str | None = None
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("weight must be a number, not a boolean")
+        return v
 
     @field_validator("weight")
     @classmethod
@@ -69,15 +76,23 @@ class Recipe(BaseModel):
             return [{"path": item} if isinstance(item, str) else item for item in v]
         return v
 
-    @field_validator("rank")
+    @field_validator("rank", mode="before")
     @classmethod
     def _rank_parses(cls, v: Any) -> Any:
-        RankPolicy.parse(v)
+        RankPolicy.parse(v)  # refuses booleans (``rank: true`` is not rank 1)
+        return v
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("seed must be an integer, not a boolean")
         return v
 
     @model_validator(mode="after")
     def _method_and_parameters(self) -> Recipe:
         from loramerge.merging.methods import get_method
+        from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 
         method = get_method(self.method)
         try:
@@ -88,7 +103,7 @@ class Recipe(BaseModel):
                               fix="`loramerge methods` lists each method's parameters and defaults") from exc
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
-                              fix="factorwise works with task_arithmetic/linear, ties, dare_linear, dare_ties, magnitude_prune")
+                              fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
         from loramerge.merging.methods.core_space import check_space
 
         check_space(method, self.space, factorwise=self.factorwise)
@@ -141,14 +156,45 @@ def parse_recipe(data: Any, *, base_dir: Path | None = None, source: str = "reci
     return recipe.model_copy(update={"adapters": adapters})
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 32
+
+
+def _check_yaml_shape(text: str, path: Path) -> None:
+    """Refuse what could exhaust the parser before parsing: a huge file, or deeply nested flow collections."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is {len(text):,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}", path=str(path),
+                          fix="a recipe lists adapters and parameters only; check that this is the right file")
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    indent = max((len(line) - len(line.lstrip(" -")) for line in text.splitlines()), default=0)
+    if deepest > MAX_RECIPE_DEPTH or indent > 4 * MAX_RECIPE_DEPTH:
+        raise RecipeError(f"recipe is nested deeper than {MAX_RECIPE_DEPTH} levels", path=str(path),
+                          fix="a recipe has at most a few levels (adapters: [{path, weight}], parameters: {...})")
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", path=str(path), fix="check the path to the YAML recipe")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe cannot be read as text: {exc}", path=str(path),
+                          fix="a recipe is a UTF-8 YAML file") from exc
+    _check_yaml_shape(text, path)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe is not valid YAML: {exc}", path=str(path), fix="fix the YAML syntax") from exc
+    except RecursionError as exc:
+        raise RecipeError("recipe is nested too deeply to parse", path=str(path),
+                          fix="a recipe has at most a few levels of nesting") from exc
     return parse_recipe(data, base_dir=path.parent, source=str(path))
 
 

@@ -36,7 +36,7 @@ from loramerge.core.ops import (
     topk_threshold_of_product,
     zero_below_,
 )
-from loramerge.merging.methods.base import Dense, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Dense, MethodConfig, ModuleInputs
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(adapter position, weighted dense delta) -> the sparsified, possibly rescaled delta."""
@@ -368,35 +368,3 @@ def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
         return d if thresholds[t] is None else shrink_below(d, thresholds[t])
 
     return Dense(_blocked_sum(inputs, prune, cfg.lambda_), basis=row_basis(inputs))
-
-
-TIES = MergeMethod(
-    name="ties", config_cls=TiesConfig, fn=ties, kind="elementwise", exact=False,
-    paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-    url="https://arxiv.org/abs/2306.01708", summary="trim top-k%, elect sign by mass, disjoint mean",
-)
-DARE_LINEAR = MergeMethod(
-    name="dare_linear", config_cls=DareConfig, fn=dare_linear, kind="elementwise", exact=False,
-    paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-    url="https://arxiv.org/abs/2311.03099", summary="random drop + rescale, weighted sum (seeded)",
-)
-DARE_TIES = MergeMethod(
-    name="dare_ties", config_cls=DareTiesConfig, fn=dare_ties, kind="elementwise", exact=False,
-    paper=DARE_LINEAR.paper, url=DARE_LINEAR.url, summary="random drop + rescale, TIES sign election (seeded)",
-)
-DELLA = MergeMethod(
-    name="della", config_cls=DellaConfig, fn=della, kind="elementwise", exact=False,
-    paper="DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)",
-    url="https://arxiv.org/abs/2406.11617", summary="MAGPRUNE drop by magnitude rank, elect, weighted fuse (seeded)",
-)
-BREADCRUMBS = MergeMethod(
-    name="breadcrumbs", config_cls=BreadcrumbsConfig, fn=breadcrumbs, kind="elementwise", exact=False,
-    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
-    url="https://arxiv.org/abs/2312.06795", summary="drop outliers and small entries per task, then sum",
-)
-MAGNITUDE_PRUNE = MergeMethod(
-    name="magnitude_prune", config_cls=MagnitudePruneConfig, fn=magnitude_prune, kind="elementwise", exact=False,
-    paper="PEFT magnitude_prune (magnitude pruning of task vectors)",
-    url="https://huggingface.co/docs/peft/main/en/package_reference/merge_utils",
-    summary="keep top-k% magnitudes per task, then weighted sum",
-)

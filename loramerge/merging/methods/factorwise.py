@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -64,6 +65,12 @@ def factorwise(method: str) -> Callable[[MethodConfig, ModuleInputs], Factored]:
     """The factor-wise (PEFT) variant of ``method``."""
 
     def run(cfg: MethodConfig, inputs: ModuleInputs) -> Factored:
+        # An adapter without the module arrives as rank-0 factors (a zero task vector); in factor space its
+        # zero A and B add nothing to any combiner (sum, sign election, disjoint mean), so it is left out.
+        present = [i for i, f in enumerate(inputs.factors) if f.rank]
+        inputs = replace(inputs, factors=tuple(inputs.factors[i] for i in present),
+                         weights=tuple(inputs.weights[i] for i in present),
+                         adapter_names=tuple(inputs.adapter_names[i] for i in present))
         ranks = set(inputs.ranks)
         if len(ranks) != 1:
             raise ValueError(

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from loramerge.core.adapter import LoraFactors
 from loramerge.core.factored import DEFAULT_RTOL
 from loramerge.core.ops import bernoulli_mask, elect_sign, generator_for, topk_threshold
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 from loramerge.merging.methods.spectral import zero_result
 
 MergeKind = Literal["ties", "dare_ties", "dare_linear", "linear"]
@@ -246,10 +246,3 @@ def knots_prepare(cfg: KnotsConfig, modules: Callable[[], Iterator[ModuleInputs]
     if not cfg.global_trim:
         return None
     return global_topk_thresholds(cfg.keep, lambda: _coordinate_stream(modules()))
-
-
-KNOTS = MergeMethod(
-    name="knots", config_cls=KnotsConfig, fn=knots, prepare=knots_prepare, kind="factored", exact=False,
-    paper="Model merging with SVD to tie the KnOTS (Stoica et al., ICLR 2025)", url="https://arxiv.org/abs/2410.19735",
-    summary="joint SVD of the module's adapters, then TIES / DARE / task arithmetic on the aligned coordinates",
-)

@@ -18,17 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from loramerge.core.ops import generator_for
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
-
-if TYPE_CHECKING:
-    from loramerge.merging.engine import MergeResult
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
 _WORK = torch.float64
 
@@ -223,26 +219,3 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
         scale *= target / current if current > 0 else 0.0
     out_dtype, device = inputs.factors[0].B.dtype, inputs.factors[0].B.device
     return Factored(B=(B * scale).to(device, out_dtype), A=A.to(device, out_dtype))
-
-
-def shrink_adapter(adapter: str | Path, k: int, output: str | Path | None = None, *, force: bool = False,
-                   seed: int = 0, **parameters: Any) -> MergeResult:
-    """Prune one adapter to rank k by clustering its own rank units (LoRA-LEGO's pruning use).
-
-    ``parameters`` are LegoConfig fields (e.g. ``output_reweight="none"``).
-    """
-    from loramerge.merging.engine import merge
-
-    return merge(adapters=[adapter], method="lora_lego", parameters={"k": k, **parameters},
-                 output=output, force=force, seed=seed)
-
-
-LORA_LEGO = MergeMethod(
-    name="lora_lego", config_cls=LegoConfig, fn=lora_lego, kind="factored", exact=False,
-    paper="Merging LoRAs like Playing LEGO: Pushing the Modularity of LoRA to Extremes Through Rank-Wise "
-    "Clustering (Zhao et al., ICLR 2025)",
-    url="https://arxiv.org/abs/2409.16167",
-    summary="k-means (k-means++, seeded) over the gauge-canonical rank units of all adapters; "
-    "cluster centroids form a rank-k LoRA, with parameter and output reweighting",
-    aliases=("lego",),
-)

@@ -1,0 +1,1 @@
+"""Data for the data-informed methods: the one example reader, calibration statistics, tuning."""
