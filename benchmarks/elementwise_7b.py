@@ -271,6 +271,7 @@ def peft_sample(targets: tuple[str, ...] = ("q_proj",)) -> None:
 if __name__ == "__main__" and "--peft-sample" in sys.argv:
     peft_sample()
 elif __name__ == "__main__" and "--per-module" in sys.argv:
-    per_module(["task_arithmetic", *METHODS], ["dense", "core"])
+    chosen = sys.argv[sys.argv.index("--per-module") + 1:]  # optional method names
+    per_module(chosen or ["task_arithmetic", *METHODS], ["dense", "core"])
 elif __name__ == "__main__":
     raise SystemExit(main())
