@@ -38,6 +38,8 @@ LAZY_VERBS: dict[str, LazyVerb] = {
                      "Search method, parameters and weights on validation data; write the best merge."),
     "adamerging": LazyVerb("loramerge.cli.tune:adamerging_command",
                            "AdaMerging: learn task- and layer-wise coefficients on prompts."),
+    "calibrate": LazyVerb("loramerge.cli.data:calibrate_command",
+                          "Calibration statistics (input Grams, Fisher factors) for the data-informed methods."),
 }
 
 

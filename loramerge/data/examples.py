@@ -217,6 +217,12 @@ class _Reader:
             if items and all(isinstance(x, (str, Path)) and Path(x).exists() for x in items) and all(
                     Path(x).suffix in (".jsonl", ".txt", ".json") for x in items):
                 return [r for x in items for r in self.path(Path(x), task)]
+            if all(isinstance(x, (TextExample, ChoiceExample)) for x in items):
+                wrong = next((x for x in items if task is not None and x.task != task), None)
+                if wrong is not None:
+                    raise DataError(f"an example of task '{wrong.task}' is listed under '{task}'",
+                                    fix="group examples under their own task")
+                return items
             if all(isinstance(x, str) for x in items):
                 return [self.row({self.text_field: t}, task, f"item {i}") for i, t in enumerate(items)]
             if all(isinstance(x, Mapping) for x in items):

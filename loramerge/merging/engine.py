@@ -25,6 +25,7 @@ from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
 from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 from loramerge.merging.methods.core_space import method_function
+from loramerge.merging.methods.data import build_post
 from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
@@ -51,11 +52,13 @@ class MergePlan:
     seed: int = 0
     space: str = "dense"
     """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
+    post: Any = None
+    """A post-step on every merged delta (the recipe's ``post:``, e.g. ``lines``: LiNeS), or None."""
 
     @classmethod
     def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
               rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0,
-              space: str = "dense") -> MergePlan:
+              space: str = "dense", post: Any = None) -> MergePlan:
         """Resolve ``method`` in the registry, validate its parameters and the rank policy."""
         entry = get_method(method)
         try:
@@ -76,13 +79,13 @@ class MergePlan:
                                   f"it cannot use rank {policy.describe()}",
                                   fix="drop the rank key, or use task_arithmetic with a rank policy")
         return cls(method=entry, config=config, weights=tuple(float(w) for w in weights), policy=policy,
-                   factorwise=factorwise, seed=seed, space=space)
+                   factorwise=factorwise, seed=seed, space=space, post=post)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> MergePlan:
         return cls.build(recipe.method, [e.weight for e in recipe.adapters], parameters=recipe.parameters,
                          rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed,
-                         space=recipe.space)
+                         space=recipe.space, post=recipe.post)
 
 
 @dataclass(frozen=True)
@@ -145,11 +148,13 @@ def merge_modules(
     modules: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
+    context: Any = None,
 ) -> Iterator[MergedModule]:
     """Merge module by module (natural order), yielding each output module with its report.
 
     Runs the method's ``prepare`` pass (global statistics) first when it has one. Only one module's
-    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``.
+    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``. ``context``: what
+    the method reads instead of a ``prepare`` pass (calibration statistics for the data-informed methods).
     """
     import torch
 
@@ -158,13 +163,14 @@ def merge_modules(
     method = plan.method
     fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
-    context = None
-    if method.prepare is not None and not plan.factorwise:
+    post = build_post(plan.post, names)  # issue 11: `post: lines` (LiNeS) scales every merged delta
+    if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
     for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):
         inputs = module_inputs(adapters, plan, name, device=device, context=context)
         try:
             result = fn(plan.config, inputs)
+            result = post(name, result) if post is not None else result
         except ValueError as exc:
             raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
                               fix="change the adapters' weights or the method's parameters "
@@ -248,7 +254,12 @@ def run_merge(
                                    allow_pickle=recipe.allow_pickle, base_model=recipe.base_model)
     elif not isinstance(adapters, AdapterSet):
         adapters = AdapterSet.of(adapters, names=names, base_model=recipe.base_model)
-    merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress))
+    context = None
+    if plan.method.needs_calibration:  # issue 11: calibration statistics (checked against these adapters)
+        from loramerge.data.statistics import statistics_for
+
+        context = statistics_for(recipe, list(adapters), need=plan.method.data, show_progress=show_progress)
+    merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress, context=context))
     out_modules = [m.module for m in merged]
     from loramerge.core.dtypes import to_torch
 

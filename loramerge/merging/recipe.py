@@ -68,6 +68,10 @@ class Recipe(BaseModel):
     space: Literal["dense", "core"] = "dense"
     seed: int = 0
     allow_pickle: bool = False
+    calibration: str | None = None  # data-informed methods: a `loramerge calibrate` directory
+    data: str | dict[str, str | list[str]] | None = None  # ... or texts per adapter (files or inline lists),
+    # calibrated on the fly (needs base_model)
+    post: str | dict[str, Any] | None = None  # a post-step on every merged delta: `lines` (LiNeS)
 
     @field_validator("adapters", mode="before")
     @classmethod
@@ -101,6 +105,18 @@ class Recipe(BaseModel):
             raise RecipeError(_explain(exc, f"parameters of method '{method.name}'",
                                        list(method.config_cls.model_fields) + _aliases(method.config_cls)),
                               fix="`loramerge methods` lists each method's parameters and defaults") from exc
+        if method.needs_calibration and self.calibration is None and self.data is None:
+            raise RecipeError(f"method '{method.name}' learns from data ({method.data} statistics), and the recipe "
+                              "gives none", fix="add `calibration: DIR` (from `loramerge calibrate`) or "
+                              "`data: {adapter_name: texts.jsonl}` with `base_model: DIR`")
+        if self.post is not None:
+            from loramerge.merging.methods.data import build_post
+
+            try:
+                build_post(self.post, [])
+            except ValidationError as exc:
+                raise RecipeError(_explain(exc, "post-step parameters", ["alpha", "beta", "num_layers"]),
+                                  fix="post: {lines: {alpha: 0.5, beta: 0.5}}") from exc
         if self.factorwise and method.factorwise is None:
             raise RecipeError(f"method '{method.name}' has no factorwise (PEFT) variant",
                               fix=f"factorwise works with {', '.join(FACTORWISE_METHODS)}")
@@ -153,7 +169,20 @@ def parse_recipe(data: Any, *, base_dir: Path | None = None, source: str = "reci
         if not Path(entry.path).is_absolute() and candidate.exists():
             entry = entry.model_copy(update={"path": str(candidate.resolve())})
         adapters.append(entry)
-    return recipe.model_copy(update={"adapters": adapters})
+    update: dict[str, Any] = {"adapters": adapters}
+    if recipe.calibration is not None:  # relative to the recipe, like the adapters (it may not exist yet)
+        update["calibration"] = str((base_dir / recipe.calibration).expanduser()) if not Path(
+            recipe.calibration).is_absolute() else recipe.calibration
+    if isinstance(recipe.data, dict):
+        update["data"] = {k: _near(base_dir, v) if isinstance(v, str) else v for k, v in recipe.data.items()}
+    elif recipe.data is not None:
+        update["data"] = _near(base_dir, recipe.data)
+    return recipe.model_copy(update=update)
+
+
+def _near(base_dir: Path, path: str) -> str:
+    candidate = (base_dir / path).expanduser()
+    return str(candidate.resolve()) if not Path(path).is_absolute() and candidate.exists() else path
 
 
 MAX_RECIPE_BYTES = 1 << 20

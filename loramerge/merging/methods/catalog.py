@@ -136,6 +136,28 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         url="https://arxiv.org/abs/2310.02575",
         summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
     ),
+    _builtin(
+        "data", "regmean", "RegMeanConfig",
+        name="regmean", kind="factored", exact=True, data="gram",
+        paper="Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023)",
+        url="https://arxiv.org/abs/2212.09849",
+        summary="least-squares merge of each layer's outputs on calibration inputs; exact factored, rank sum r_t",
+    ),
+    _builtin(
+        "data", "fisher", "FisherConfig",
+        name="fisher", kind="elementwise", exact=False, data="fisher",
+        paper="Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022)",
+        url="https://arxiv.org/abs/2111.09832",
+        summary="element-wise Fisher-weighted average (Kronecker-factored diagonal Fisher); rank policy",
+    ),
+    _builtin(
+        "data", "lines", "LinesConfig", prepare="_lines_prepare",
+        name="lines", kind="factored", exact=True,
+        paper="LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging "
+        "(Wang et al., ICLR 2025)",
+        url="https://arxiv.org/abs/2410.17146",
+        summary="task arithmetic with the delta scaled linearly with depth; also `post: lines` after any method",
+    ),
 )
 
 

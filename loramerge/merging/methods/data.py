@@ -1,0 +1,202 @@
+"""Data-informed merges (methods-data.md): RegMean and Fisher merging from calibration statistics, and LiNeS.
+
+Each function reads the statistics from ``inputs.context`` (a ``loramerge.data.statistics.MergeStatistics``
+that the engine builds from the recipe's ``calibration:`` / ``data:``). Adapters that lack a module still count
+in the statistics' sums there: their fine-tuned weight at that module is ``W0`` (delta 0), as in the papers'
+full-weight formulas.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field
+
+from loramerge.errors import RecipeError
+from loramerge.merging.methods.base import Dense, Factored, MethodConfig, MethodResult, ModuleInputs
+
+log = logging.getLogger("loramerge.merging.methods.data")
+
+
+def _stats(inputs: ModuleInputs, method: str):
+    stats = inputs.context
+    if stats is None or not hasattr(stats, "gram"):
+        raise ValueError(f"{method} needs calibration statistics (recipe `calibration:` or `data:`)")
+    if inputs.factors[0].kind != "linear":
+        raise ValueError(f"{method} merges linear modules only (an embedding LoRA has no input Gram)")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RegMean
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RegMeanConfig(MethodConfig):
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="scale of each Gram's off-diagonal (the paper's alpha)")
+    ridge: float = Field(0.0, ge=0.0, description="ridge added to the Gram sum, relative to its mean diagonal "
+                                                  "(0: only when the sum is singular, then reported)")
+
+
+def scaled_gram(G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``G'``: the off-diagonal scaled by alpha, the diagonal kept."""
+    return alpha * G + (1.0 - alpha) * torch.diag_embed(G.diagonal())
+
+
+def cholesky_with_ridge(S: torch.Tensor, ridge: float, where: str, notes: list[str] | None = None) -> torch.Tensor:
+    """Cholesky factor of ``S`` (float64); a singular ``S`` gets a growing ridge relative to its mean diagonal."""
+    scale = float(S.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(S.shape[0], dtype=S.dtype)
+    tried = ridge
+    while True:
+        L, info = torch.linalg.cholesky_ex(S + tried * scale * eye if tried else S)
+        if int(info) == 0:
+            break
+        tried = 1e-8 if tried == 0 else tried * 10
+        if tried > 1:
+            raise ValueError(f"the Gram sum at {where} is not positive definite even with a ridge of its mean diagonal")
+    if tried != ridge:
+        note = f"regmean: the Gram sum at {where} is singular; solved with a ridge of {tried:.0e} x its mean diagonal"
+        log.warning(note)
+        if notes is not None:
+            notes.append(note)
+    return L
+
+
+def regmean(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
+    """``dW* = sum_t w_t B_t (A_t G_t' S^-1)``, ``S = sum_t G_t'``: the concatenation of rank sum r_t.
+
+    One Cholesky solve per module input (shared by the modules that read it); never a d_out x d_in matrix.
+    """
+    stats = _stats(inputs, "regmean")
+    key = stats.input_key(inputs.name)
+
+    def factor() -> torch.Tensor:
+        S = sum(scaled_gram(stats.gram(n, inputs.name), cfg.alpha) for n in stats.names)
+        return cholesky_with_ridge(S, cfg.ridge, key, stats.notes)
+
+    L = stats.memo(("regmean-cholesky", key, cfg.alpha, cfg.ridge), factor)
+    Bs, As = [], []
+    for f, w, name in zip(inputs.factors, inputs.weights, inputs.adapter_names):
+        G = scaled_gram(stats.gram(name, inputs.name), cfg.alpha)
+        As.append(torch.cholesky_solve(G @ f.A.double().T, L).T)  # A_t G_t' S^-1 (G', S symmetric)
+        Bs.append(w * f.B.double())
+    dtype = inputs.factors[0].A.dtype
+    return Factored(B=torch.cat(Bs, dim=1).to(dtype), A=torch.cat(As, dim=0).to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fisher merging
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class FisherConfig(MethodConfig):
+    floor: float = Field(1e-6, ge=0.0, description="added to every Fisher value, relative to their mean "
+                                                   "(keeps the division defined where all Fishers vanish)")
+
+
+def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
+    """``dW* = sum_t w_t F_t * dW_t / sum_t w_t F_t`` element-wise (the paper's weighted Fisher average), with
+    ``F_t ~ outer(E[g^2], E[x^2])`` (Kronecker-factored diagonal). Densifies one module; the rank policy follows.
+    """
+    stats = _stats(inputs, "fisher")
+    present = dict(zip(inputs.adapter_names, zip(inputs.factors, inputs.weights)))
+    factors = {n: stats.fisher(n, inputs.name) for n in stats.names}
+    weights = {n: (present[n][1] if n in present else stats.weights.get(n, 1.0)) for n in stats.names}
+    mean = sum(float(u.mean() * v.mean()) for u, v in factors.values()) / len(factors)
+    eps = cfg.floor * max(mean, 1e-30)
+    num = torch.zeros(inputs.factors[0].d_out, inputs.factors[0].d_in, dtype=torch.float64)
+    den = torch.zeros_like(num)
+    for name, (u, v) in factors.items():
+        F = torch.outer(u, v) + eps
+        den += weights[name] * F
+        if name in present:
+            f, w = present[name]
+            num += w * F * (f.B.double() @ f.A.double())
+    if (den == 0).any():
+        raise ValueError("the weighted Fisher sum is zero somewhere (weights that cancel)")
+    return Dense(delta=(num / den).to(inputs.factors[0].A.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LiNeS
+# ---------------------------------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(module: str) -> int | None:
+    """The block index in a module name (``model.layers.7.mlp.up_proj`` -> 7), None outside the blocks."""
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+class LinesConfig(MethodConfig):
+    alpha: float = Field(0.5, description="scale of the first layer's delta")
+    beta: float = Field(0.5, description="added to the scale linearly with depth: the last layer gets alpha + beta")
+    num_layers: int | None = Field(None, ge=1, description="layers in the model (default: the deepest index + 1)")
+
+
+def lines_factor(cfg: LinesConfig, module: str, num_layers: int) -> float:
+    """LiNeS: ``alpha + beta (l - 1) / (L - 1)`` for block l = 1..L; embeddings count as the first layer,
+    other modules outside the blocks (the LM head) as the last."""
+    index = layer_index(module)
+    if index is None:
+        index = 0 if "embed" in module else num_layers - 1
+    return cfg.alpha + cfg.beta * (index / (num_layers - 1) if num_layers > 1 else 1.0)
+
+
+def num_layers_of(modules: Sequence[str]) -> int:
+    indices = [i for i in map(layer_index, modules) if i is not None]
+    return max(indices) + 1 if indices else 1
+
+
+def scale_result(result: MethodResult, factor: float) -> MethodResult:
+    """Scale a merged delta exactly (B for a factored one)."""
+    if isinstance(result, Factored):
+        return Factored(B=result.B * factor, A=result.A)
+    return Dense(delta=result.delta * factor, basis=result.basis)
+
+
+def _lines_prepare(cfg: LinesConfig, modules: Callable[[], Iterator[ModuleInputs]]) -> int:
+    return cfg.num_layers or num_layers_of([m.name for m in modules()])
+
+
+def lines(cfg: LinesConfig, inputs: ModuleInputs) -> Factored:
+    """Task arithmetic (the weighted sum) scaled per layer by LiNeS: exact, factored."""
+    from loramerge.core.factored import concat_factors
+
+    B, A = concat_factors(inputs.factors, list(inputs.weights))
+    num_layers = inputs.context or cfg.num_layers or num_layers_of([inputs.name])
+    return Factored(B=B * lines_factor(cfg, inputs.name, num_layers), A=A)
+
+
+@dataclass(frozen=True)
+class PostStep:
+    """A step applied to every module's merged delta (the recipe's ``post:``), e.g. LiNeS."""
+
+    name: str
+    cfg: LinesConfig
+    num_layers: int
+
+    def __call__(self, module: str, result: MethodResult) -> MethodResult:
+        return scale_result(result, lines_factor(self.cfg, module, self.num_layers))
+
+
+def build_post(spec: str | dict | None, modules: Sequence[str]) -> PostStep | None:
+    """``post: lines`` or ``post: {lines: {alpha: .., beta: ..}}`` -> a PostStep (None when absent)."""
+    if spec is None:
+        return None
+    name, params = (spec, {}) if isinstance(spec, str) else next(iter(spec.items())) if len(spec) == 1 else ("", {})
+    if name != "lines":
+        raise RecipeError(f"unknown post-step {spec!r}", fix="use `post: lines` or `post: {lines: {alpha: 0.5, beta: 0.5}}`")
+    cfg = LinesConfig(**(params or {}))
+    return PostStep("lines", cfg, cfg.num_layers or num_layers_of(modules))
+
+
+__all__ = ["PostStep", "build_post", "cholesky_with_ridge", "layer_index",
+           "lines_factor", "scaled_gram"]
