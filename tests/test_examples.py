@@ -16,11 +16,18 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def demo_tree(llama, tmp_path_factory):
+def demo_tree(llama, llama_dir, tmp_path_factory):
+    from loramerge.data.calibration import calibrate
+    from loramerge.demo.run import task_sequences
+
     root = tmp_path_factory.mktemp("tree")
-    for i, name in enumerate(("count", "colors", "animals", "code")):
+    names = ("count", "colors", "animals", "code")
+    for i, name in enumerate(names):
         make_adapter(llama, root / "demo_out" / "adapters" / name, seed=100 + i, r=8, lora_alpha=16,
                      target_modules=LLAMA_TARGETS)
+    # regmean.yaml reads the statistics `loramerge calibrate` leaves in demo_out/calibration
+    calibrate(llama_dir, {n: root / "demo_out" / "adapters" / n for n in names},
+              {n: task_sequences(n, 4) for n in names}, root / "demo_out" / "calibration", show_progress=False)
     shutil.copytree(EXAMPLES, root / "examples")
     return root
 
