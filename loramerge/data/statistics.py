@@ -169,8 +169,8 @@ class MergeStatistics:
         return int(self.records[name]["tokens"])
 
 
-def statistics_for(recipe: Any, adapters: Sequence[LoraAdapter], *, need: str, show_progress: bool = False
-                   ) -> MergeStatistics:
+def statistics_for(recipe: Any, adapters: Sequence[LoraAdapter], *, need: str, show_progress: bool = False,
+                   config: Any = None) -> Any:
     """What a recipe's ``calibration: DIR`` / ``data: {name: file}`` give a data-informed method.
 
     ``calibration`` alone: load and check. ``data`` alone: compute now (needs ``base_model`` loadable), in a
@@ -182,6 +182,8 @@ def statistics_for(recipe: Any, adapters: Sequence[LoraAdapter], *, need: str, s
                           fix="add `calibration: DIR` (from `loramerge calibrate`) or `data: {name: file.jsonl}`")
     examples = read_examples(data, tasks=[a.name for a in adapters]) if data is not None else None
     weights = [e.weight for e in recipe.adapters]
+    if need == "model":  # RegMean++: statistics of the partially merged model, computed while merging
+        return _regmean_plus(recipe, adapters, examples, weights, config, show_progress)
     if calibration is not None and (data is None or (Path(calibration) / MANIFEST).exists()):
         return CalibrationStats.open(calibration).bind(adapters, base_model=recipe.base_model, data=examples,
                                                        need=need, weights=weights)
@@ -192,6 +194,21 @@ def statistics_for(recipe: Any, adapters: Sequence[LoraAdapter], *, need: str, s
     calibrate(recipe.base_model, list(adapters), examples, target, fisher=need == "fisher",
               show_progress=show_progress)
     return CalibrationStats.open(target).bind(adapters, data=examples, need=need, weights=weights)
+
+
+def _regmean_plus(recipe: Any, adapters: Sequence[LoraAdapter], examples: Any, weights: list[float], config: Any,
+                  show_progress: bool) -> dict:
+    from loramerge.data.calibration import load_base_model
+    from loramerge.data.regmean_plus import regmean_plus_merge
+    from loramerge.merging.methods.data import regmean
+
+    if examples is None or recipe.base_model is None:
+        raise RecipeError("regmean_plus runs the partially merged model: it needs `data:` and `base_model:`",
+                          fix="add `data: {adapter_name: texts.jsonl}` and `base_model: DIR` (saved statistics "
+                              "from `loramerge calibrate` cannot serve: they come from unmerged models)")
+    model, tokenizer = load_base_model(recipe.base_model)
+    texts = {name: [e.full_text for e in exs] for name, exs in examples.items()}
+    return regmean_plus_merge(model, tokenizer, adapters, weights, texts, regmean, config, show_progress=show_progress)
 
 
 __all__ = ["CalibrationStats", "MergeStatistics", "statistics_for"]

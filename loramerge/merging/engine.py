@@ -258,7 +258,8 @@ def run_merge(
     if plan.method.needs_calibration:  # issue 11: calibration statistics (checked against these adapters)
         from loramerge.data.statistics import statistics_for
 
-        context = statistics_for(recipe, list(adapters), need=plan.method.data, show_progress=show_progress)
+        context = statistics_for(recipe, list(adapters), need=plan.method.data, show_progress=show_progress,
+                                 config=plan.config)
     merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress, context=context))
     out_modules = [m.module for m in merged]
     from loramerge.core.dtypes import to_torch

@@ -109,6 +109,9 @@ class Recipe(BaseModel):
             raise RecipeError(f"method '{method.name}' learns from data ({method.data} statistics), and the recipe "
                               "gives none", fix="add `calibration: DIR` (from `loramerge calibrate`) or "
                               "`data: {adapter_name: texts.jsonl}` with `base_model: DIR`")
+        if method.data == "model" and (self.data is None or self.base_model is None):
+            raise RecipeError(f"method '{method.name}' runs the partially merged model: it needs `data:` and "
+                              "`base_model:`", fix="add `data: {adapter_name: texts.jsonl}` and `base_model: DIR`")
         if self.post is not None:
             from loramerge.merging.methods.data import build_post
 

@@ -139,3 +139,48 @@ def test_lines_layer_factors_and_post_step_compose(three_adapters):
     ln = merge(adapters=adapters, method="lines", parameters={"alpha": 0.5, "beta": 0.5}, rank="exact").factors()
     for module, f in ta.items():
         torch.testing.assert_close(ln[module].delta(), (0.5 + 0.5 * int(module.split(".")[2])) * f.delta())
+
+
+def test_regmean_plus_equals_a_dense_layer_by_layer_reference(setup, llama, llama_dir):
+    """RegMean++: block l's Grams come from the model whose blocks < l are already merged (the task's own adapter
+    in block l); reference: full weights, full forwards one text at a time, the dense RegMean formula per block."""
+    names, data, adapters, _ = setup
+    alpha = 0.8
+    merged = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="regmean_plus",
+                   parameters={"alpha": alpha}, data=data, base_model=str(llama_dir), rank="exact").factors()
+    tok = make_tokenizer()
+    deltas = {n: {m: dense_delta(p, m) for m in load_adapter(p).modules} for n, p in adapters.items()}
+    model = copy.deepcopy(llama)
+    W0 = {m: llama.get_submodule(m).weight.detach().double() for m in merged}
+    plain = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="regmean",
+                  parameters={"alpha": alpha}, data=data, base_model=str(llama_dir), rank="exact").factors()
+    for block in range(2):
+        modules = [m for m in merged if m.startswith(f"model.layers.{block}.")]
+        grams: dict[str, dict[str, torch.Tensor]] = {}
+        for name in names:
+            task_model = copy.deepcopy(model)
+            rows: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+            handles = []
+            with torch.no_grad():
+                for m in modules:
+                    if deltas[name].get(m) is not None:
+                        task_model.get_submodule(m).weight += deltas[name][m].float()
+                    handles.append(task_model.get_submodule(m).register_forward_pre_hook(
+                        lambda mod, args, m=m, rows=rows: rows[m].append(args[0].reshape(-1, args[0].shape[-1]).double())))
+                for text in data[name]:
+                    task_model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+            for h in handles:
+                h.remove()
+            grams[name] = {m: torch.cat(r).T @ torch.cat(r) / torch.cat(r).shape[0] for m, r in rows.items()}
+        for m in modules:
+            num = sum((W0[m] + (deltas[n].get(m) if deltas[n].get(m) is not None else 0)) @ scaled_gram(grams[n][m], alpha)
+                      for n in names)
+            den = sum(scaled_gram(grams[n][m], alpha) for n in names)
+            want = num @ torch.linalg.inv(den) - W0[m]
+            torch.testing.assert_close(merged[m].delta().double(), want, rtol=1e-4, atol=1e-6)
+            with torch.no_grad():
+                model.get_submodule(m).weight += want.float()  # the merged block feeds the next one
+            if block == 0:  # the first block sees the same inputs as RegMean's
+                torch.testing.assert_close(merged[m].delta(), plain[m].delta(), rtol=1e-4, atol=1e-6)
+    deep = [m for m in merged if m.startswith("model.layers.1.")]
+    assert any(not torch.allclose(merged[m].delta(), plain[m].delta(), atol=1e-6) for m in deep)

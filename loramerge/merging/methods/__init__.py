@@ -7,7 +7,7 @@ import difflib
 from loramerge.errors import RecipeError
 from loramerge.merging.methods.adamerging import ADAMERGING
 from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs
-from loramerge.merging.methods.data import FISHER, LINES, REGMEAN
+from loramerge.merging.methods.data import FISHER, LINES, REGMEAN, REGMEAN_PLUS
 from loramerge.merging.methods.elementwise import BREADCRUMBS, DARE_LINEAR, DARE_TIES, DELLA, MAGNITUDE_PRUNE, TIES
 from loramerge.merging.methods.factorwise import FACTORWISE_METHODS, factorwise
 from loramerge.merging.methods.knots import KNOTS
@@ -55,7 +55,7 @@ _BUILTIN_GROUPS: tuple[tuple[MergeMethod, ...], ...] = (
     (LORA_LEGO,),
     (TSV, ISO_C, ISO_CTS, STAR, KNOTS),
     (ADAMERGING,),
-    (REGMEAN, FISHER, LINES),
+    (REGMEAN, REGMEAN_PLUS, FISHER, LINES),
 )
 
 for _group in _BUILTIN_GROUPS:

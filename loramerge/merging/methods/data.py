@@ -89,6 +89,16 @@ def regmean(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
     return Factored(B=torch.cat(Bs, dim=1).to(dtype), A=torch.cat(As, dim=0).to(dtype))
 
 
+def regmean_plus(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
+    """RegMean++: the module's RegMean result from the partially merged model's statistics. The engine's data
+    pass (``loramerge.data.regmean_plus``) merges block by block (each block's inputs depend on the blocks merged
+    before it) and hands every module's result over as the context."""
+    merged = inputs.context
+    if not isinstance(merged, dict) or inputs.name not in merged:
+        raise ValueError("regmean_plus needs the block-by-block pass (recipe `data:` and `base_model:`)")
+    return merged[inputs.name]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Fisher merging
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,6 +214,14 @@ REGMEAN = MergeMethod(
     url="https://arxiv.org/abs/2212.09849",
     summary="least-squares merge of each layer's outputs on calibration inputs; exact factored, rank sum r_t",
 )
+REGMEAN_PLUS = MergeMethod(
+    name="regmean_plus", aliases=("regmean++",), config_cls=RegMeanConfig, fn=regmean_plus, kind="factored",
+    exact=True, data="model",
+    paper="RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging "
+          "(Dang et al., 2025)",
+    url="https://arxiv.org/abs/2508.03121",
+    summary="RegMean with each block's statistics from the partially merged model; needs data and the base model",
+)
 FISHER = MergeMethod(
     name="fisher", config_cls=FisherConfig, fn=fisher, kind="elementwise", exact=False, data="fisher",
     paper="Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022)",
@@ -217,5 +235,5 @@ LINES = MergeMethod(
     summary="task arithmetic with the delta scaled linearly with depth; also `post: lines` after any method",
 )
 
-__all__ = ["FISHER", "LINES", "REGMEAN", "PostStep", "build_post", "cholesky_with_ridge", "layer_index",
+__all__ = ["FISHER", "LINES", "REGMEAN", "REGMEAN_PLUS", "PostStep", "build_post", "cholesky_with_ridge", "layer_index",
            "lines_factor", "scaled_gram"]
