@@ -24,7 +24,8 @@ class KeywordRouter:
 
 def build_engine(backend: str, workdir: Path):
     from loramerge.demo.toy import make_adapter, save_base, tiny_llama
-    from loramerge.serving.compose import AdapterCatalog, Composer
+    from loramerge.serving.catalog import AdapterCatalog
+    from loramerge.serving.composer import Composer
 
     model = tiny_llama(seed=0, hidden=128)  # head_dim 32, which vLLM's CPU attention supports
     base = save_base(model, workdir / "tiny-llama")
@@ -33,12 +34,12 @@ def build_engine(backend: str, workdir: Path):
     make_adapter(model, adapters / "math", seed=2, r=8, target_modules=["q_proj", "o_proj"], b_std=0.3)
     composer = Composer(AdapterCatalog(roots=[adapters]), max_rank=16, router=KeywordRouter(), cache_dir=workdir / "c")
     if backend == "vllm":
-        from loramerge.serving.engine import AsyncVLLMEngine, VLLMSettings
+        from loramerge.serving.vllm_engine import AsyncVLLMEngine, VLLMSettings
 
         settings = VLLMSettings(model=str(base), max_lora_rank=16, max_loras=4, dtype="float32", max_model_len=128,
                                 enforce_eager=True)
         return AsyncVLLMEngine(composer, settings)
-    from loramerge.serving.engine import PeftEngine
+    from loramerge.serving.peft_engine import PeftEngine
 
     return PeftEngine(composer, base)
 

@@ -21,7 +21,7 @@ from loramerge.errors import LoramergeError, RecipeError
 from .base import Router, top_k_softmax
 from .controller import AdapterLike, GatedLora
 from .layers import GateModule
-from .lm_loss import ensure_pad_token
+from .lm_loss import ensure_pad_token, tokenize
 
 if TYPE_CHECKING:
     from .inputs import RouterInputs
@@ -175,7 +175,7 @@ class ArrowRouter(Router):
         controller, gates = self.controller, self.gates()
         captured: dict[str, torch.Tensor] = {}
         hooks = [controller.originals[m].register_forward_pre_hook(_capture(captured, m)) for m in gates]
-        batch = self.tokenizer(list(prompts), padding=True, padding_side="right", return_tensors="pt")
+        batch = tokenize(self.tokenizer, list(prompts), padding=True, padding_side="right", return_tensors="pt")
         device = next(controller.model.parameters()).device
         token = _CAPTURING.set(captured)
         try:

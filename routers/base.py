@@ -106,9 +106,11 @@ class Router:
     here, used by the class's own signatures); None: the kind is not trained from the command line."""
 
     @classmethod
-    def from_inputs(cls, inputs: RouterInputs, options: Any) -> Router:  # pragma: no cover - interface
-        """Build this router for ``route train`` from the command's inputs and its ``Options``."""
-        raise NotImplementedError
+    def from_inputs(cls, inputs: RouterInputs, options: Any) -> Router:
+        """Build this router for ``route train`` from the command's inputs and its ``Options`` (kinds that
+        declare ``Options`` override this)."""
+        raise RecipeError(f"a {cls.kind or cls.__name__} router is not trained by `loramerge route train`",
+                          fix="build it in Python (e.g. StaticRouter(names, weights)) and save it")
 
     @classmethod
     def load(cls, directory: str | Path, *, model: nn.Module | None = None, tokenizer=None,

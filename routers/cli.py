@@ -27,6 +27,7 @@ app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
 DATA_HELP = ("JSONL, one example per line: a 'task' (the adapter that should serve it) and 'text', or 'prompt' + "
              "'options' + 'label' (routed on the prompt); repeat as --data NAME=FILE for a file per adapter "
              "(lines need no task). LoraHub: the new task's {'input', 'output'} (or 'text') lines.")
+SEE = " Default: the router's own (`loramerge route kinds`)."
 KINDS = ("centroid", "knn", "classifier", "arrow", "moe", "lorahub")  # registry.TRAINABLE_KINDS (tested equal)
 
 
@@ -42,14 +43,14 @@ def train(
                                               "'minilm' (all-MiniLM-L6-v2, offline)."),
     layer: int = typer.Option(-1, help="Hidden layer to pool for 'base' embeddings (-1: the last)."),
     twin: Path | None = typer.Option(None, help="Twin-Merging bundle: route over its tasks, embed with its shared model."),
-    top_k: int | None = typer.Option(None, "--top-k", help="centroid: 1; arrow: 3; moe: all (softmax)."),
-    temperature: float | None = typer.Option(None, help="Softmax temperature (centroid 0.1, arrow/moe 1.0)."),
-    epochs: int | None = typer.Option(None, help="classifier: 50 (paper); moe: 3."),
-    lr: float | None = typer.Option(None, help="classifier: 5e-4 (paper); moe: 1e-2."),
-    space: str | None = typer.Option(None, help="moe: 'gated' (X-LoRA-style gate on the layer input, the default) "
-                                                "or 'core' (CoMoL-style)."),
-    mode: str | None = typer.Option(None, help="arrow: route per 'token' (default) or per 'request'."),
-    budget: int | None = typer.Option(None, help="lorahub: loss evaluations (40)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Adapters kept per prompt/token (knn: neighbours)." + SEE),
+    temperature: float | None = typer.Option(None, help="Softmax temperature." + SEE),
+    epochs: int | None = typer.Option(None, help="Training epochs (classifier, moe)." + SEE),
+    lr: float | None = typer.Option(None, help="Learning rate (classifier, moe)." + SEE),
+    space: str | None = typer.Option(None, help="moe: 'gated' (X-LoRA-style gate on the layer input) or 'core' "
+                                                "(CoMoL-style)." + SEE),
+    mode: str | None = typer.Option(None, help="arrow: route per 'token' or per 'request'." + SEE),
+    budget: int | None = typer.Option(None, help="lorahub: loss evaluations." + SEE),
     seed: int = typer.Option(0, help="Seed for training and search."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
@@ -91,6 +92,24 @@ def build_router(adapters: list[str], *, kind: str, data=None, base_model: Path 
     inputs = RouterInputs(list(adapters), data=data, base_model=base_model, embedder=embedder, layer=layer,
                           twin=twin, seed=seed)
     return router_class(kind, trainable=True).from_inputs(inputs, options)
+
+
+@app.command("kinds")
+def kinds() -> None:
+    """The router kinds `route train` builds, and the settings each takes with its defaults."""
+    import dataclasses
+
+    from .registry import ROUTERS, TRAINABLE_KINDS
+
+    table = Table(title="router kinds (route train)")
+    for col in ("kind", "settings (defaults)", "what"):
+        table.add_column(col)
+    for kind in TRAINABLE_KINDS:
+        cls = ROUTERS[kind]
+        settings = ", ".join(f"--{f.name.replace('_', '-')} {'all' if f.default is None else f.default}"
+                             for f in dataclasses.fields(cls.Options))
+        table.add_row(kind, settings, (cls.__doc__ or "").strip().splitlines()[0].replace("``", ""))
+    console.print(table)
 
 
 @app.command("eval")

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Union
 
 import torch
 from torch import nn
 
-from loramerge.core.adapter import LoraAdapter
+from loramerge.core.adapter_set import AdapterLike
 from loramerge.errors import LoramergeError
 
 from .layers import GatedLayerBase, GateModule, GateState, _parent_and_attr
 
-AdapterLike = Union[str, Path, LoraAdapter]
 WeightsLike = Union[torch.Tensor, Sequence[float], Mapping[str, float], Sequence[Mapping[str, float]], None]
 
 
@@ -186,3 +184,5 @@ def _layer_device(layer: nn.Module) -> torch.device:
         return buf.device
     return torch.device("cpu")
 
+
+__all__ = ["AdapterLike", "GatedLora", "WeightsLike"]  # AdapterLike is core.adapter_set's, re-exported here

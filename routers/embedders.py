@@ -18,7 +18,7 @@ from torch import nn
 from loramerge.errors import LoramergeError, RecipeError
 
 from .controller import GatedLora
-from .lm_loss import ensure_pad_token
+from .lm_loss import ensure_pad_token, tokenize
 
 
 class Embedder:
@@ -55,8 +55,9 @@ class MiniLMEmbedder(Embedder):
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            chunk = list(texts[start:start + self.batch_size])
+            batch = tokenize(self.tokenizer, chunk, padding=True, truncation=True, max_length=self.max_length,
+                             padding_side="right", return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state
             out.append(F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1).float().cpu())
         return torch.cat(out)
@@ -103,9 +104,9 @@ class PooledHiddenEmbedder(Embedder):
         out = []
         with self._context():
             for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                       max_length=self.max_length, padding_side="right",
-                                       return_tensors="pt").to(device)
+                chunk = list(texts[start:start + self.batch_size])
+                batch = tokenize(self.tokenizer, chunk, padding=True, truncation=True, max_length=self.max_length,
+                                 padding_side="right", return_tensors="pt").to(device)
                 result = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   output_hidden_states=self.layer != -1)
                 hidden = result.last_hidden_state if self.layer == -1 else result.hidden_states[self.layer]

@@ -14,6 +14,15 @@ Per target module ``y = W0 x + B_cat (c * (A_cat x))`` where ``A_cat = [A_1; ...
 - ``controller.set_gates({module: gate})`` installs per-layer gate modules (``GateModule``) that compute
   ``c`` from the layer's input and its rank-space projection; their output multiplies the weights.
 - ``controller.detach()`` puts the original modules back; ``controller.attach()`` re-inserts the gated ones.
+- Concurrency: ``use_weights`` / ``use_gates`` / ``detached()`` are context-local (per thread, per asyncio
+  task); ``set_weights`` / ``set_gates`` / ``detach()`` configure the model for every caller
+  (``routers/controller.py``).
+
+Learned static coefficients (AdaMerging, ``loramerge.routers.adamerging``): attach the adapters, freeze the
+model, then install one ``GateModule`` per layer whose ``forward`` returns row ``layer`` of a shared
+``(layers x tasks)`` ``nn.Parameter`` (an ``(N,)`` tensor); the LoRA factors are buffers, so only the table
+trains (``controller.gate_parameters()`` lists it once), and folding ``c[layer, t]`` into ``B_t`` gives the
+exact static adapter (tested against a dense reference in ``tests/routers/test_gated.py``).
 
 A batch whose samples carry different mixtures runs in one forward pass: the gate is a tensor with
 a batch dimension, never a Python loop over adapters.

@@ -12,7 +12,7 @@ from loramerge.errors import RecipeError
 
 from .base import Router
 from .controller import GatedLora, WeightsLike
-from .lm_loss import ensure_pad_token
+from .lm_loss import decode, ensure_pad_token, tokenize
 
 
 @dataclass
@@ -64,13 +64,13 @@ def generate_routed(
         context = contextlib.nullcontext(None)
     model = controller.model
     device = next(model.parameters()).device
-    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
+    batch = tokenize(tokenizer, prompts, padding=True, padding_side="left", return_tensors="pt").to(device)
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     with torch.no_grad(), context as used:
         sequences = model.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
     new_tokens = sequences[:, batch["input_ids"].shape[1]:]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    texts = decode(tokenizer, new_tokens, skip_special_tokens=True)
     return RoutedGeneration(texts=texts, sequences=new_tokens, weights=used, adapter_names=list(controller.adapter_names))
 
 

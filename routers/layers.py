@@ -30,7 +30,8 @@ class GateModule(nn.Module):
     ``x`` is the layer's input (batch, seq, d_in), ``z`` its projection into the layer's rank space
     (batch, seq, R) (the core coordinates for a core-space layer). ``level`` says what the output's last
     dimension indexes: ``"adapter"`` (all N adapters of the controller, by global index) or ``"rank"``
-    (the layer's R rank units). The output may be per token (batch, seq, .) or per sample (batch, .).
+    (the layer's R rank units). The output may be per token (batch, seq, .), per sample (batch, .) or
+    static (.,): e.g. a row of a trainable (layers x tasks) coefficient table (AdaMerging).
     """
 
     level: GateLevel = "adapter"

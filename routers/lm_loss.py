@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+TOKENIZER_LOCK = threading.RLock()
+"""Held around every tokenizer call of the routers: a fast tokenizer sets its padding on the shared Rust object
+before each batch, so two threads tokenizing at once could pad with each other's side (or fail with
+"Already borrowed"). Tokenizing is cheap next to a forward pass; the forward runs outside the lock."""
+
+
+def tokenize(tokenizer, texts, **kwargs):
+    """``tokenizer(texts, **kwargs)`` under ``TOKENIZER_LOCK`` (pass ``padding_side`` rather than setting it)."""
+    with TOKENIZER_LOCK:
+        return tokenizer(texts, **kwargs)
+
+
+def decode(tokenizer, ids, **kwargs) -> list[str]:
+    """``tokenizer.batch_decode(ids, **kwargs)`` under ``TOKENIZER_LOCK``."""
+    with TOKENIZER_LOCK:
+        return tokenizer.batch_decode(ids, **kwargs)
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -22,13 +40,13 @@ def lm_batch(tokenizer, examples: Sequence[Any], max_length: int) -> tuple[torch
         if isinstance(ex, Mapping):
             ex = (ex.get("input", ""), ex["output"])
         if isinstance(ex, str):
-            ids = tokenizer(ex)["input_ids"]
+            ids = tokenize(tokenizer, ex)["input_ids"]
             rows.append(ids[:max_length])
             targets.append(1)
             continue
         prompt, output = ex
-        head = tokenizer(prompt)["input_ids"]
-        tail = tokenizer(output, add_special_tokens=False)["input_ids"]
+        head = tokenize(tokenizer, prompt)["input_ids"]
+        tail = tokenize(tokenizer, output, add_special_tokens=False)["input_ids"]
         ids = (head + tail)[-max_length:]
         rows.append(ids)
         targets.append(max(len(ids) - len(tail), 1))
@@ -52,4 +70,4 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return loss.sum(1) / counts
 
 
-__all__ = ["ensure_pad_token", "lm_batch", "per_sample_lm_loss"]
+__all__ = ["TOKENIZER_LOCK", "decode", "ensure_pad_token", "lm_batch", "per_sample_lm_loss", "tokenize"]

@@ -29,7 +29,7 @@ from .gate_training import (
 )
 from .gates import FlyTopKGate, SoftmaxGate, flylora_gates, gate_from_spec, softmax_gates
 from .layers import GateModule
-from .lm_loss import ensure_pad_token
+from .lm_loss import ensure_pad_token, tokenize
 
 if TYPE_CHECKING:
     from .inputs import RouterInputs
@@ -107,7 +107,7 @@ class GateRouter(Router):
                                  fix="route_weights() reports adapter-level routing; use softmax or core-space gates")
         controller = self.controller
         ensure_pad_token(self.tokenizer)
-        batch = self.tokenizer(list(prompts), padding=True, padding_side="right", return_tensors="pt")
+        batch = tokenize(self.tokenizer, list(prompts), padding=True, padding_side="right", return_tensors="pt")
         device = next(controller.model.parameters()).device
         with self.applied(controller, prompts), recorded_gates(adapter_gates) as store:
             controller.model(**batch.to(device))

@@ -24,9 +24,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loramerge.errors import LoramergeError
+from loramerge.core.names import parse_pairs
+from loramerge.errors import LoramergeError, RecipeError
 
-from .compose import AdapterCatalog, Composer, CompositionError, UnknownAdapterError
+from .catalog import AdapterCatalog
+from .composer import Composer
+from .errors import CompositionError, UnknownAdapterError
 
 log = logging.getLogger("loramerge.serving.resolver")
 
@@ -40,12 +43,10 @@ def composer_from_env(env: dict[str, str] | None = None) -> Composer | None:
     roots = [Path(r) for r in env.get("LORAMERGE_ADAPTER_ROOTS", "").split(os.pathsep) if r.strip()]
     if not pairs and not roots:
         return None
-    adapters = {}
-    for pair in pairs:
-        name, eq, path = pair.partition("=")
-        if not eq:
-            raise CompositionError(f"LORAMERGE_ADAPTERS entry '{pair}' is not NAME=PATH")
-        adapters[name.strip()] = Path(path.strip())
+    try:
+        adapters = {n: Path(p) for n, p in parse_pairs(pairs, option="LORAMERGE_ADAPTERS").items()}
+    except RecipeError as exc:
+        raise CompositionError(exc.message, fix="set LORAMERGE_ADAPTERS=name=/path,name=/path") from None
     cache_dir = Path(env.get("LORAMERGE_CACHE_DIR") or Path.home() / ".cache" / "loramerge" / "compositions")
     return Composer(AdapterCatalog(adapters, roots), max_rank=int(env.get("LORAMERGE_MAX_LORA_RANK", "16")),
                     cache_dir=cache_dir, cache_size=None)

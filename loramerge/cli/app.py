@@ -1,21 +1,54 @@
-"""The ``loramerge`` command: verbs over adapters and artifacts."""
+"""The ``loramerge`` command: verbs over adapters and artifacts.
+
+Start-up stays fast: this module imports no torch; each verb imports what it needs when it runs, and
+the verb groups in other files (``LAZY_VERBS``) are imported only when invoked (see cli/lazy.py).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from loramerge.cli.common import console, err_console, fail, json_safe
+from loramerge.cli.lazy import LazyVerb, LazyVerbs
 from loramerge.cli.options import check_device, check_writable_file, parse_method_params, parse_rank, parse_weights
 from loramerge.errors import LoramergeError, OutputError
 
+LAZY_VERBS: dict[str, LazyVerb] = {
+    "basis": LazyVerb("loramerge.cli.artifacts:basis_app",
+                      "Reversible basis merging (RMM): build a basis, extract any task."),
+    "twin": LazyVerb("loramerge.cli.artifacts:twin_app",
+                     "Twin-Merging bundles: shared adapter + compressed task experts."),
+    # The CLI is the application layer: it mounts the routers' and the server's verbs. Library modules
+    # of the core never import loramerge.routers or loramerge.serving.
+    "route": LazyVerb("loramerge.routers.cli:app", "Train and evaluate routers over LoRA adapters."),
+    "serve": LazyVerb("loramerge.serving.cli:serve",
+                      "Serve adapters and per-request mixtures behind an OpenAI-compatible API."),
+    "bake": LazyVerb("loramerge.cli.export:bake_command", "Merge an adapter into its base model's weights."),
+    "push": LazyVerb("loramerge.cli.export:push_command", "Upload an adapter or model folder to the Hub."),
+    "osrm": LazyVerb("loramerge.cli.training:osrm_app",
+                     "OSRM: initialise LoRA A orthogonal to the other tasks' inputs."),
+    "lori": LazyVerb("loramerge.cli.training:lori_app", "LoRI: frozen random A, sparse B masks and checks."),
+    "tune": LazyVerb("loramerge.cli.tune:tune_command",
+                     "Search method, parameters and weights on validation data; write the best merge."),
+    "adamerging": LazyVerb("loramerge.cli.tune:adamerging_command",
+                           "AdaMerging: learn task- and layer-wise coefficients on prompts."),
+    "calibrate": LazyVerb("loramerge.cli.data:calibrate_command",
+                          "Run each adapter's model over its texts and save per-module statistics."),
+}
+
+
+class _Verbs(LazyVerbs):
+    lazy_verbs = LAZY_VERBS
+
+
 app = typer.Typer(
-    name="loramerge", no_args_is_help=True, add_completion=False,
+    name="loramerge", cls=_Verbs, no_args_is_help=True, add_completion=False,
     help="Merge, route and serve LoRA adapters in LoRA's own low-rank space.",
 )
 log = logging.getLogger("loramerge")
@@ -23,35 +56,58 @@ log = logging.getLogger("loramerge")
 
 class State:
     quiet = False
+    verbose = False
 
 
 @app.callback()
 def _global(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show debug logging (and merge's per-module table)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors and the final result."),
     threads: int = typer.Option(1, "--threads", envvar="LORAMERGE_THREADS",
                                 help="torch CPU threads. 1 is fastest for the small QR/SVD calls and on a busy "
                                 "machine; raise it for large element-wise merges on an idle one."),
 ) -> None:
-    import torch
     from rich.logging import RichHandler
 
-    torch.set_num_threads(max(threads, 1))
-
+    set_threads(threads)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
-    State.quiet = quiet
+    State.quiet, State.verbose = quiet, verbose
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads, without importing torch for verbs that never use it."""
+    threads = max(threads, 1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:  # read by torch when a verb imports it
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["MKL_NUM_THREADS"] = str(threads)
 
 
-def _report_table(result) -> Table:
+def _report_table(result):
+    from rich.table import Table
+
     table = Table(title=f"merged with {result.method.name} in {result.seconds:.2f}s")
     for col in ("module", "input ranks", "rank", "rel. error"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for r in result.reports:
         table.add_row(r.name, ",".join(map(str, r.input_ranks)), str(r.rank), f"{r.rel_error:.2e}")
     return table
+
+
+def merge_summary(result) -> list[str]:
+    """The few lines ``merge`` prints: modules, rank range, worst error, time, output."""
+    low, high = result.rank_range
+    ranks = f"rank {low}" if low == high else f"ranks {low}..{high}"
+    worst = max(result.reports, key=lambda r: r.rel_error, default=None)
+    error = f"{worst.rel_error:.2e} ({worst.name})" if worst is not None and worst.rel_error > 0 else "0 (exact)"
+    return [
+        f"merged {len(result.adapters)} adapters with {result.method.name} in {result.seconds:.2f}s",
+        f"  modules      {len(result.modules)} ({ranks}, total {result.total_rank})",
+        f"  worst error  {error}",
+        f"  wrote        {result.output}",
+    ]
 
 
 @app.command()
@@ -65,8 +121,12 @@ def merge(
     seed: int | None = typer.Option(None, help="Override the recipe's seed (DARE, DELLA)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled adapter_model.bin inputs (runs code from the file)."),
     report: Path | None = typer.Option(None, help="Also write the per-module report as JSON here."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the per-module table (module, ranks, error)."),
 ) -> None:
-    """Merge the adapters of RECIPE into one PEFT adapter at OUTPUT."""
+    """Merge the adapters of RECIPE into one PEFT adapter at OUTPUT.
+
+    Prints a summary; the full per-module report is in OUTPUT/loramerge.json (and --verbose prints it).
+    """
     from loramerge.merging.engine import merge as run
     from loramerge.merging.recipe import load_recipe, parse_recipe
 
@@ -89,13 +149,10 @@ def merge(
         result = run(parsed, output, force=force, device=device, show_progress=not State.quiet)
     except LoramergeError as exc:
         fail(exc)
-        return
-    if not State.quiet:
+    if verbose or State.verbose:
         console.print(_report_table(result))
-    console.print(
-        f"wrote {result.output}  (method {result.method.name}, {len(result.modules)} modules, "
-        f"total rank {result.total_rank}, max rel. error {result.max_rel_error:.2e})"
-    )
+    for line in merge_summary(result) if not State.quiet else merge_summary(result)[-1:]:
+        console.print(line, highlight=False)
     if report is not None:
         try:
             report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
@@ -112,6 +169,8 @@ def inspect(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled adapter_model.bin inputs."),
 ) -> None:
     """Ranks, target modules, scale, norms, effective rank, and pairwise overlap between adapters."""
+    from rich.table import Table
+
     from loramerge.analysis.inspect import pairwise_overlap, summarize
     from loramerge.core.adapter import load_adapter
 
@@ -121,7 +180,6 @@ def inspect(
         pairs = pairwise_overlap(loaded) if len(loaded) > 1 else []
     except LoramergeError as exc:
         fail(exc)
-        return
     if as_json:
         non_finite: list[str] = []  # NaN/Inf statistics become null, and their JSON paths are listed
         body = json_safe({"adapters": [s.to_dict() for s in summaries], "pairs": [vars(p) for p in pairs]}, non_finite)
@@ -157,28 +215,65 @@ def inspect(
         console.print(pt)
 
 
-@app.command()
-def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the merge methods: name, kind, exactness, parameters and paper."""
+def _method_record(m) -> dict:
+    return {"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "exact": m.exact, "data": m.data,
+            "factorwise": m.factorwise is not None, "parameters": m.parameters(), "paper": m.paper, "url": m.url,
+            "summary": m.summary}
+
+
+def method_lines(width: int = 80) -> list[str]:
+    """One line per registered method: name, kind, exactness, summary (cut to ``width``)."""
     from loramerge.merging.methods import REGISTRY
 
-    rows = []
+    lines = []
     for m in REGISTRY.values():
-        params = {name: f.default for name, f in m.config_cls.model_fields.items()}
-        rows.append({"name": m.name, "aliases": list(m.aliases), "kind": m.kind, "exact": m.exact, "data": m.data,
-                     "factorwise": m.factorwise is not None, "parameters": params, "paper": m.paper, "url": m.url,
-                     "summary": m.summary})
-    if as_json:
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    table = Table(title="merge methods")
-    for col in ("name", "kind", "exact", "factorwise", "parameters (defaults)", "paper"):
-        table.add_column(col)
-    for r in rows:
-        params = ", ".join(f"{k.rstrip('_')}={v}" for k, v in r["parameters"].items())
-        table.add_row(r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else ""), r["kind"],
-                      "yes" if r["exact"] else "no", "yes" if r["factorwise"] else "", params, r["paper"])
-    console.print(table)
+        tag = "exact" if m.exact else "dense" if m.kind == "elementwise" else "factored"
+        line = f"{m.name:<16} {tag:<8} {m.summary}"
+        lines.append(line if len(line) <= width else line[: width - 3] + "...")
+    return lines
+
+
+def method_details(name: str) -> list[str]:
+    """What ``loramerge methods NAME`` prints: the entry, its paper and its parameters with defaults."""
+    from loramerge.merging.methods import get_method
+    from loramerge.merging.methods.base import resolve
+
+    m = get_method(name)
+    fields = resolve(m.config_cls).model_fields
+    lines = [f"{m.name}" + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""), f"  {m.summary}", "",
+             f"  kind        {m.kind}" + (" (exact)" if m.exact else ""),
+             f"  factorwise  {'yes: PEFT add_weighted_adapter variant (factorwise: true)' if m.factorwise else 'no'}",
+             f"  data        {m.data}", f"  paper       {m.paper}", f"  url         {m.url}", "", "  parameters:"]
+    if not fields:
+        lines.append("    (none)")
+    for field_name, f in fields.items():
+        key = f.alias or field_name
+        value = "(required)" if f.is_required() else repr(f.default)
+        lines.append(f"    {key} = {value}" + (f"  ({f.description})" if f.description else ""))
+    return lines
+
+
+@app.command()
+def methods(
+    name: str | None = typer.Argument(None, help="A method (or alias): show its paper and parameters."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (every method with its parameters)."),
+) -> None:
+    """List the merge methods, one line each; `loramerge methods NAME` shows one in detail."""
+    from loramerge.merging.methods import REGISTRY, get_method
+
+    try:
+        if as_json:
+            chosen = [get_method(name)] if name else list(REGISTRY.values())
+            print(json.dumps([_method_record(m) for m in chosen], indent=2, default=str))
+            return
+        lines = method_details(name) if name else method_lines(max(console.width, 60))
+    except LoramergeError as exc:
+        fail(exc)
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    if not name:
+        console.print("exact: lossless in factored form; factored: low-rank maths, approximate; dense: element-wise "
+                      "on delta_W. Details: loramerge methods NAME", style="dim", highlight=False)
 
 
 @app.command()
@@ -219,10 +314,8 @@ def compare(
         rows += compare_methods(adapters, runs, output, evaluator=evaluator, weights=w, force=force)
     except (ValueError, json.JSONDecodeError) as exc:
         fail(LoramergeError(f"bad option: {exc}", fix="see loramerge compare --help"))
-        return
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(render_table(rows, f"{len(adapters)} adapters, rank policy {rank}"))
     plot = plot_rows(rows, Path(output) / "comparison.png", "loramerge compare")
     if plot:
@@ -233,8 +326,9 @@ def compare(
 def demo(
     workdir: Path = typer.Option(Path("demo_out"), "--workdir", "-w", help="Where the demo writes its model and adapters."),
 ) -> None:
-    """Build a tiny base model and adapters locally, merge them with several methods, compare, generate,
-    then answer routed requests."""
+    """Build a tiny model and adapters locally; merge, compare, generate, then answer routed requests."""
+    from rich.console import Console
+
     from loramerge.demo.run import run_demo
     from loramerge.routers.demo import run_routed_demo
 
@@ -257,47 +351,15 @@ def version() -> None:
     print(__version__)
 
 
-def _mount_subcommands() -> None:
-    """Verb groups that live in their own files (artifacts, routing, serving, ecosystem)."""
-    from loramerge.cli.artifacts import basis_app, twin_app
-    from loramerge.cli.export import bake_command, push_command
-    from loramerge.cli.training import lori_app, osrm_app
-
-    app.add_typer(basis_app, name="basis", help="Reversible basis merging (RMM): build a basis, extract any task.")
-    app.add_typer(twin_app, name="twin", help="Twin-Merging bundles: shared adapter + compressed task experts.")
-    # The CLI is the application layer: it mounts the routers' and serving verbs. Library modules of
-    # the core never import loramerge.routers or loramerge.serving.
-    from loramerge.routers.cli import app as route_app
-
-    app.add_typer(route_app, name="route", help="Train and evaluate routers over LoRA adapters.")
-    from loramerge.serving.cli import serve as serve_command
-
-    app.command("serve")(serve_command)
-    app.command("bake")(bake_command)
-    app.command("push")(push_command)
-    app.add_typer(osrm_app, name="osrm", help="OSRM: initialise LoRA A orthogonal to the other tasks' inputs.")
-    app.add_typer(lori_app, name="lori", help="LoRI: frozen random A, sparse B masks and checks.")
-    from loramerge.cli.tune import adamerging_command, tune_command
-
-    app.command("tune")(tune_command)
-    app.command("adamerging")(adamerging_command)
-    from loramerge.cli.data import calibrate_command  # issue 11: statistics for the data-informed methods
-
-    app.command("calibrate")(calibrate_command)
-
-
-_mount_subcommands()
-
-
 def run_app() -> None:
     app()
 
 
 def main() -> None:
     """Kept for ``python -m loramerge.cli.app``; the console script is ``loramerge.cli.entry:main``."""
-    from loramerge.cli.entry import main as entry_main
+    from loramerge.cli.interrupt import run_with_interrupts
 
-    entry_main()
+    run_with_interrupts(run_app)
 
 
 if __name__ == "__main__":

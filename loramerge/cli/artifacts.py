@@ -12,14 +12,13 @@ import yaml
 from rich.table import Table
 
 from loramerge.cli.common import console, fail
-from loramerge.errors import LoramergeError, RecipeError
+from loramerge.core.names import parse_pairs
+from loramerge.errors import LoramergeError
 
 basis_app = typer.Typer(name="basis", no_args_is_help=True, add_completion=False,
                         help="Reversible basis merging (RMM): k basis factor sets + per-task coefficients.")
 twin_app = typer.Typer(name="twin", no_args_is_help=True, add_completion=False,
                        help="Twin-Merging bundles: a shared adapter + each task's compressed residual.")
-
-
 
 
 @basis_app.command("build")
@@ -39,7 +38,6 @@ def basis_build(
                                force=force, show_progress=True)
     except LoramergeError as exc:
         fail(exc)
-        return
     manifest = artifact.manifest
     table = Table(title=f"basis k={manifest['k']} ({manifest['granularity']}) over {len(manifest['tasks'])} tasks")
     for col in ("task", "rel. error of delta_W", "worst module"):
@@ -66,18 +64,13 @@ def basis_extract(
         out = extract_task(basis_dir, task, output, force=force, dtype=dtype)
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(f"wrote {out}")
 
 
 def _parse_params(items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"cannot read parameter '{item}'", fix="write parameters as --param key=value")
-        params[key.strip()] = yaml.safe_load(value)
-    return params
+    """``--param key=value`` (repeatable; values read as YAML scalars) -> {key: value}."""
+    pairs = parse_pairs(items, option="--param", value="VALUE", check=False)
+    return {key: yaml.safe_load(value) for key, value in pairs.items()}
 
 
 @twin_app.command("build")
@@ -107,7 +100,6 @@ def twin_build(
                             force=force, show_progress=True)
     except LoramergeError as exc:
         fail(exc)
-        return
     manifest = bundle.manifest
     table = Table(title=f"twin bundle: shared {manifest['shared']['method']} (total rank "
                         f"{manifest['shared']['total_rank']}), residual {manifest['residual']}")
@@ -134,7 +126,6 @@ def twin_compose(
         out = write_composed(bundle_dir, parse_weights(weights), output, force=force, dtype=dtype)
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(f"wrote {out}")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,9 +14,12 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def fail(exc: LoramergeError) -> None:
-    """Print a user-facing error and exit with its class's code (an error caused by Ctrl-C is the interruption)."""
-    from loramerge.cli.entry import exit_interrupted, interrupted
+def fail(exc: LoramergeError) -> NoReturn:
+    """Print a user-facing error (message, file, module, fix) and exit with its class's code.
+
+    An error caused by Ctrl-C is reported as the interruption (exit 130), never as a damaged input.
+    """
+    from loramerge.cli.interrupt import exit_interrupted, interrupted
 
     if interrupted():
         exit_interrupted()

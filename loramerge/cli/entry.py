@@ -9,44 +9,17 @@ damaged input: ``interrupted()`` is checked before any error is printed.
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
-
-_INTERRUPTED = threading.Event()
-MESSAGE = "interrupted: nothing was written at the output path (temporary files removed)"
+from loramerge.cli.interrupt import run_with_interrupts
 
 
-def interrupted() -> bool:
-    """True once SIGINT was received in this process."""
-    return _INTERRUPTED.is_set()
+def _run_app() -> None:
+    from loramerge.cli.app import run_app  # after the handler is installed
 
-
-def exit_interrupted() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
-    print(MESSAGE, file=sys.stderr, flush=True)
-    raise SystemExit(130)
-
-
-def _on_sigint(signum, frame) -> None:
-    _INTERRUPTED.set()
-    raise KeyboardInterrupt
+    run_app()
 
 
 def main() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        from loramerge.cli.app import run_app
-
-        run_app()
-    except KeyboardInterrupt:
-        exit_interrupted()
-    except SystemExit as exc:
-        if interrupted() and exc.code not in (0, None):  # typer turns Ctrl-C into a silent Exit(130)
-            exit_interrupted()
-        raise
+    run_with_interrupts(_run_app)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from loramerge.errors import LoramergeError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Bake adapters into base models; push to the Hub.")
 
 
-
-
 def bake_command(
     adapter: str = typer.Argument(..., help="Adapter directory or hub id (e.g. the output of `loramerge merge`)."),
     base_model: str = typer.Argument(..., help="Base model directory or hub id (safetensors; bitsandbytes OK)."),
@@ -40,7 +38,6 @@ def bake_command(
                       allow_pickle=allow_pickle, show_progress=not quiet)
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(f"wrote {result.output}  ({len(result.baked_modules)} weights changed, "
                   f"dtype {str(result.dtype).replace('torch.', '')})")
 
@@ -60,7 +57,6 @@ def push_command(
         result = push(folder, repo_id, private=private, token=token, revision=revision, commit_message=message)
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(f"pushed {folder} to {result.repo_url}" + (f"  ({result.commit_url})" if result.commit_url else ""))
 
 

@@ -10,7 +10,8 @@ from rich.table import Table
 
 from loramerge.cli.common import console, fail
 from loramerge.cli.options import check_local_model_dir
-from loramerge.errors import LoramergeError, OutputError, RecipeError
+from loramerge.core.names import parse_pairs
+from loramerge.errors import LoramergeError, OutputError
 
 osrm_app = typer.Typer(name="osrm", no_args_is_help=True, add_completion=False,
                        help="OSRM: LoRA A orthogonal to the other tasks' input features (set before training).")
@@ -18,20 +19,9 @@ lori_app = typer.Typer(name="lori", no_args_is_help=True, add_completion=False,
                        help="LoRI: frozen random A, sparse B masks.")
 
 
-
-
 def _parse_sources(other: list[str]) -> dict[str, str]:
-    sources: dict[str, str] = {}
-    for item in other:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item).stem, item
-        if not name or not path:
-            raise RecipeError(f"cannot read --other '{item}'", fix="use --other NAME=PATH (or just PATH)")
-        if name in sources:
-            raise RecipeError(f"task '{name}' given twice", fix="give each --other a distinct NAME=")
-        sources[name] = path
-    return sources
+    """``--other NAME=PATH`` (or a bare PATH, named after the file) -> {task: path}."""
+    return parse_pairs(other, option="--other", name_optional=True, check=False)
 
 
 @osrm_app.command("init")
@@ -62,7 +52,6 @@ def osrm_init(
         path = init.save(output, force=force)
     except LoramergeError as exc:
         fail(exc)
-        return
     table = Table(title=f"OSRM ({init.mode}) r={init.r} from {sum(init.tasks.values())} texts, {init.tokens} tokens")
     table.add_column("module")
     table.add_column("energy vs random subspace", justify="right")
@@ -90,7 +79,6 @@ def lori_masks(
         masks.save(output)
     except LoramergeError as exc:
         fail(exc)
-        return
     console.print(f"wrote {output}: kept {masks.kept()} of {masks.total()} B entries ({scope} scope)")
 
 
@@ -105,7 +93,6 @@ def lori_verify(adapter: Path = typer.Argument(..., help="A LoRI adapter directo
         sparsity = b_sparsity_of(adapter)
     except LoramergeError as exc:
         fail(exc)
-        return
     table = Table(title=f"LoRI adapter: A regenerated from seed {spec.seed} ({spec.a_init}): identical")
     table.add_column("module")
     table.add_column("B zeros", justify="right")

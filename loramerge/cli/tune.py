@@ -110,7 +110,6 @@ def tune_command(
         raise typer.Exit(130) from None
     except LoramergeError as exc:
         fail(exc)
-        return
     table = Table(title="loramerge tune: best configurations (mean normalized validation score)")
     for col in ("trial", "method", "slice", "full"):
         table.add_column(col)
@@ -171,7 +170,6 @@ def adamerging_command(
         merged = export_static(paths, names, result, output, force=force)
     except LoramergeError as exc:
         fail(exc)
-        return
     if report is not None:
         report.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     console.print(f"adamerging: held-out {objective} {result.initial_heldout:.4f} -> {result.best_heldout:.4f} "

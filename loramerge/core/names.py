@@ -37,8 +37,9 @@ def check_name(name: object, what: str = "adapter", *, reserved: Iterable[str] =
 
 
 def name_from_path(path: str | Path) -> str:
-    """The name an unnamed adapter gets: its directory's name (a hub id's last part)."""
-    return Path(str(path).rstrip("/\\")).name or str(path)
+    """The name an unnamed input gets: its directory's name (a hub id's last part; a file's stem)."""
+    p = Path(str(path).rstrip("/\\"))
+    return (p.stem if p.is_file() else p.name) or str(path)
 
 
 def parse_pair(item: str, *, option: str = "--adapter", value: str = "PATH", name_optional: bool = False) -> tuple[str, str]:

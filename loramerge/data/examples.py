@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loramerge.errors import DataError
+from loramerge.core.names import parse_pairs
+from loramerge.errors import DataError, RecipeError
 
 Kind = Literal["text", "choice"]
 FORMAT_HELP = ('write one JSON object per line: {"task": "...", "text": "..."} or '
@@ -155,13 +156,10 @@ def parse_data_specs(specs: Sequence[str] | str | Path) -> Any:
         if not all(named):
             raise DataError(f"mix of name=file and plain files: {specs}",
                             fix="give one file with a 'task' field per line, or name=file for every adapter")
-        out: dict[str, str] = {}
-        for s in specs:
-            name, _, path = s.partition("=")
-            if not name or not path or name in out:
-                raise DataError(f"bad or repeated data item '{s}'", fix="write name=path, one per adapter")
-            out[name] = path
-        return out
+        try:
+            return parse_pairs(specs, option="--data", value="FILE", check=False)
+        except RecipeError as exc:
+            raise DataError(f"bad or repeated data item: {exc.message}", fix="write name=path, one per adapter") from None
     return specs[0] if len(specs) == 1 else [Path(s) for s in specs]
 
 

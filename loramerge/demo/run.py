@@ -8,6 +8,7 @@ the best merge with PEFT and generates.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -34,6 +35,17 @@ def task_sequences(task: str, n: int, length: int = 10, seed: int = 0) -> list[s
         start = rng.randrange(len(cycle))
         out.append(" ".join(cycle[(start + i) % len(cycle)] for i in range(length)))
     return out
+
+
+def write_task_data(workdir: Path, *, n: int = 32) -> tuple[Path, Path]:
+    """``train.jsonl`` and ``test.jsonl`` of {"text", "task"} lines (what ``route train``/``compare --data`` read)."""
+    paths = []
+    for name, seed in (("train", 1), ("test", 99)):
+        path = Path(workdir) / f"{name}.jsonl"
+        rows = [{"text": text, "task": task} for task in TASKS for text in task_sequences(task, n, seed=seed)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def train_adapter(base_dir: Path, task: str, out_dir: Path, *, steps: int = 60, r: int = 8, seed: int = 0) -> Path:
@@ -107,8 +119,10 @@ def run_demo(
             if not (path / "adapter_model.safetensors").is_file():
                 train_adapter(base_dir, task, path, seed=i)
             adapters[task] = path
-    console.print(f"base model and adapters in {workdir}/ (tiny Llama, 4 LoRA adapters of rank 8 on 7 projections)")
+    write_task_data(workdir)
     write_task_texts(workdir / "data" / "texts.jsonl")
+    console.print(f"base model, adapters and task texts (train.jsonl, test.jsonl, data/texts.jsonl) in {workdir}/ "
+                  "(tiny Llama, 4 LoRA adapters of rank 8 on 7 projections)")
 
     evaluator = LossEvaluator(base_dir, {task: task_sequences(task, 32, seed=99) for task in TASKS})
     rows = [CompareRow("base model (no adapter)", losses=evaluator(None), reference=True)]

@@ -16,22 +16,33 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from loramerge.core.adapter import LoraAdapter, LoraFactors, load_adapter
+from loramerge.core.dtypes import OUTPUT_DTYPE_NAMES, to_torch
 from loramerge.core.progress import progress_bar
-from loramerge.errors import BaseModelError, IncompatibleAdaptersError, LoramergeError, OutputError
+from loramerge.errors import IncompatibleAdaptersError, OutputError
+from loramerge.io.checkpoint import (
+    INDEX_NAME,
+    Architecture,
+    Layout,
+    TensorReader,
+    architecture,
+    bnb_companions,
+    dequantize,
+    dequantized_dtype,
+    dtype_from_name,
+    import_bnb,
+    quantization_of,
+    read_config,
+    shard_map,
+)
 from loramerge.io.writer import atomic_directory, check_finite_as_written, check_output_path
 
 log = logging.getLogger("loramerge.io.bake")
 
-Layout = Literal["linear", "conv1d", "embedding"]
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Weight files of other formats, and files bake rewrites itself: never copied from the base.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _REWRITTEN = {"config.json", "README.md", INDEX_NAME, "pytorch_model.bin.index.json"}
@@ -80,189 +91,6 @@ def delta_source(obj: Any, *, allow_pickle: bool = False) -> DeltaSource:
         fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")), inputs=[adapter.source.local_path],
         label=f"adapter {adapter.source.reference}", base_model=adapter.base_model,
     )
-
-
-# ---------------------------------------------------------------------------------------------- base model files
-
-
-def _read_config(base: Path) -> dict:
-    path = base / "config.json"
-    if not path.is_file():
-        raise BaseModelError("the base model has no config.json", path=str(path),
-                             fix="pass a directory written by transformers' save_pretrained (or a hub id)")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BaseModelError(f"config.json is not valid JSON: {exc}", path=str(path),
-                             fix="repair or re-download the base model's config.json") from exc
-    if not isinstance(config, dict):
-        raise BaseModelError("config.json must hold a JSON object", path=str(path), fix="repair config.json")
-    return config
-
-
-def _key_to_shard(base: Path) -> tuple[dict[str, str], bool]:
-    """Every stored tensor key -> its shard file name; and whether the base is sharded (has an index)."""
-    index = base / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BaseModelError(f"{INDEX_NAME} is malformed: {exc}", path=str(index),
-                                 fix="repair or re-download the base model") from exc
-        missing = sorted({s for s in weight_map.values() if not (base / s).is_file()})
-        if missing:
-            raise BaseModelError(f"shard {missing[0]} listed in the index is missing", path=str(base / missing[0]),
-                                 fix="re-download the base model (an interrupted download?)")
-        return dict(weight_map), True
-    single = base / SINGLE_NAME
-    if single.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(single), framework="pt") as fh:
-                return {k: SINGLE_NAME for k in fh.keys()}, False
-        except Exception as exc:
-            raise BaseModelError(f"corrupt safetensors file: {exc}", path=str(single),
-                                 fix="re-download or re-save the base model") from exc
-    if any(base.glob("*.bin")) or any(base.glob("*.pt")):
-        raise BaseModelError(
-            "the base model's weights are pickled (.bin/.pt); bake reads safetensors only", path=str(base),
-            fix="convert once: load it with transformers and save_pretrained(dir) (safetensors is the default)",
-        )
-    raise BaseModelError(f"no {SINGLE_NAME} or {INDEX_NAME} in the base model directory", path=str(base),
-                         fix="pass the directory of a transformers model saved with safetensors")
-
-
-def quantization_of(config: dict) -> str | None:
-    """'bitsandbytes 4-bit (nf4)' / 'bitsandbytes 8-bit' for a bnb checkpoint, None if unquantized."""
-    q = config.get("quantization_config")
-    if not q:
-        return None
-    method = q.get("quant_method")
-    if method != "bitsandbytes":
-        raise BaseModelError(
-            f"the base model is quantized with '{method}'; bake can dequantize bitsandbytes checkpoints only",
-            fix="bake into the unquantized base model (the adapter's factors do not depend on the quantization)",
-        )
-    if q.get("load_in_4bit"):
-        return f"bitsandbytes 4-bit ({q.get('bnb_4bit_quant_type', 'fp4')})"
-    return "bitsandbytes 8-bit"
-
-
-def _import_bnb():
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError as exc:
-        raise BaseModelError(
-            "the base model is a bitsandbytes checkpoint; dequantizing it needs bitsandbytes",
-            fix="pip install 'loramerge[bnb]' (or pip install bitsandbytes), or bake into the unquantized base",
-        ) from exc
-    return bnb_functional
-
-
-def _dtype_from_name(name: Any) -> torch.dtype | None:
-    dtype = getattr(torch, str(name).replace("torch.", ""), None) if name else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
-def dequantized_dtype(config: dict) -> torch.dtype:
-    """The dtype a dequantized weight is saved in under dtype='auto': the model's, else the compute dtype, else bf16."""
-    q = config.get("quantization_config") or {}
-    for name in (config.get("dtype"), config.get("torch_dtype"), q.get("bnb_4bit_compute_dtype")):
-        dtype = _dtype_from_name(name)
-        if dtype is not None:
-            return dtype
-    return torch.bfloat16
-
-
-# ---------------------------------------------------------------------------------------------- architecture
-
-
-@dataclass
-class Architecture:
-    """What the model's module tree says: each module's layout, and the groups of tied weights."""
-
-    layouts: dict[str, Layout]
-    tied_groups: list[list[str]]
-    known: bool
-
-
-def architecture(base: Path) -> Architecture:
-    """Build the model on the meta device (no memory) to see Conv1D / Embedding modules and tied weights.
-
-    When that is impossible (custom code), ``known`` is False and bake falls back to the adapter's flags.
-    """
-    try:
-        import transformers
-        from transformers.pytorch_utils import Conv1D
-
-        config = transformers.AutoConfig.from_pretrained(str(base))
-        cls = getattr(transformers, (config.architectures or [""])[0])
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = cls(config)
-    except Exception as exc:  # unknown or remote-code architecture
-        log.debug("could not build the model skeleton: %s", exc)
-        return Architecture(layouts={}, tied_groups=[], known=False)
-    layouts: dict[str, Layout] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Conv1D):
-            layouts[name] = "conv1d"
-        elif isinstance(module, torch.nn.Embedding):
-            layouts[name] = "embedding"
-        elif isinstance(module, torch.nn.Linear):
-            layouts[name] = "linear"
-    groups: dict[int, list[str]] = {}
-    for pname, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(pname)
-    return Architecture(layouts=layouts, tied_groups=[g for g in groups.values() if len(g) > 1], known=True)
-
-
-# ---------------------------------------------------------------------------------------------- tensors
-
-
-class TensorReader:
-    """Read any stored tensor by key, from whichever shard holds it (quant states may sit in another shard)."""
-
-    def __init__(self, base: Path, key_to_shard: dict[str, str]):
-        self.base = base
-        self.key_to_shard = key_to_shard
-
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        shard = self.base / self.key_to_shard[key]
-        try:
-            with safe_open(str(shard), framework="pt") as fh:
-                return fh.get_tensor(key)
-        except Exception as exc:
-            raise BaseModelError(f"could not read tensor '{key}': {exc}", path=str(shard),
-                                 fix="the base model's weight file is damaged; re-download it") from exc
-
-
-def bnb_companions(keys: set[str]) -> dict[str, list[str]]:
-    """Quantized weight key -> the keys of its bitsandbytes state (absmax, quant_map, SCB, ...)."""
-    out: dict[str, list[str]] = {}
-    for key in keys:
-        if ".quant_state.bitsandbytes__" in key:
-            weight = key.split(".quant_state.bitsandbytes__")[0]
-            out[weight] = sorted(k for k in keys if k.startswith(weight + "."))
-        elif key.endswith(".SCB"):
-            prefix = key[: -len(".SCB")]
-            out[prefix + ".weight"] = [k for k in (key, prefix + ".weight_format") if k in keys]
-    return out
-
-
-def dequantize(packed: torch.Tensor, key: str, companions: list[str], reader: TensorReader) -> torch.Tensor:
-    """A bitsandbytes-packed weight as float32 in nn.Linear layout (d_out x d_in)."""
-    F = _import_bnb()
-    if any(".quant_state." in c for c in companions):
-        state = {c[len(key) + 1:]: reader.get(c) for c in companions}
-        quant_state = F.QuantState.from_dict(state, device=torch.device("cpu"))
-        return F.dequantize_4bit(packed, quant_state).float()
-    scb = reader.get(next(c for c in companions if c.endswith(".SCB")))
-    return packed.float() * scb.float().unsqueeze(1) / 127.0
 
 
 def delta_in_layout(factors: LoraFactors, layout: Layout) -> torch.Tensor:
@@ -327,9 +155,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
         return dtype
     if dtype == "auto":
         return None
-    if dtype not in DTYPES:
-        raise LoramergeError(f"unknown dtype '{dtype}'", fix=f"use auto or one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return to_torch(dtype, allowed=OUTPUT_DTYPE_NAMES)
 
 
 def _add(weight: torch.Tensor, factors: LoraFactors, layout: Layout, module: str, shard: Path) -> torch.Tensor:
@@ -472,12 +298,12 @@ def bake(
 
     base = resolve_model(base_model_path, revision=revision)
     output = check_output_path(Path(out_dir), force=force, inputs=[base, *source.inputs])
-    config = _read_config(base)
-    key_to_shard, sharded = _key_to_shard(base)
+    config = read_config(base)
+    key_to_shard, sharded = shard_map(base)
     quantized = quantization_of(config)
     notices: list[str] = []
     if quantized:
-        _import_bnb()
+        import_bnb()
         notices.append(f"the base is a {quantized} checkpoint: its weights are dequantized before the adapter is "
                        "merged, and the baked model is saved unquantized (quantize it again when you load it)")
     modules = sorted(source.kinds)
@@ -525,7 +351,7 @@ def bake(
         raise OutputError(f"could not write the baked model: {exc}", path=str(output),
                           fix="check free disk space (a full model needs as much as the base) and permissions; "
                           "nothing was changed at the output path") from exc
-    saved_dtype = config_dtype or _dtype_from_name(config.get("dtype") or config.get("torch_dtype")) or torch.float32
+    saved_dtype = config_dtype or dtype_from_name(config.get("dtype") or config.get("torch_dtype")) or torch.float32
     return BakeResult(output=output, dtype=saved_dtype, baked_modules=sorted(set(job.baked)),
                       dequantized=quantized, untied=plan.untied, notices=notices)
 

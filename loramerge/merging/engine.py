@@ -23,9 +23,8 @@ from loramerge.core.progress import progress_bar
 from loramerge.errors import NumericalError, RecipeError
 from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
+from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 from loramerge.merging.methods.core_space import method_function
-from loramerge.merging.methods.data import build_post
-from loramerge.merging.methods.factorwise import FACTORWISE_METHODS
 from loramerge.merging.recipe import Recipe, load_recipe, parse_recipe, recipe_to_yaml
 
 if TYPE_CHECKING:
@@ -137,7 +136,7 @@ def _overflow_error(inputs: ModuleInputs, method: str, what: str) -> NumericalEr
 
 def _finish(result: Any, policy: RankPolicy, ranks: list[int], seed: int) -> Compressed:
     if isinstance(result, Dense):
-        return compress_dense(result.delta, policy, ranks, seed=seed)
+        return compress_dense(result.delta, policy, ranks, seed=seed, basis=result.basis)
     return compress_factored(result.B, result.A, policy, ranks)
 
 
@@ -163,6 +162,8 @@ def merge_modules(
     method = plan.method
     fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
+    from loramerge.merging.methods.data import build_post
+
     post = build_post(plan.post, names)  # issue 11: `post: lines` (LiNeS) scales every merged delta
     if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loramerge.core.factored import RankPolicy
+from loramerge.core.rank import RankPolicy
 from loramerge.errors import RecipeError
 
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
@@ -96,7 +96,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _method_and_parameters(self) -> Recipe:
         from loramerge.merging.methods import get_method
-        from loramerge.merging.methods.factorwise import FACTORWISE_METHODS
+        from loramerge.merging.methods.catalog import FACTORWISE_METHODS
 
         method = get_method(self.method)
         try:

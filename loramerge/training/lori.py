@@ -1,7 +1,7 @@
 """LoRI: LoRA with a frozen random A and a sparse, task-specific B.
 
 Zhang, You, Panda, Goldstein, "LoRI: Reducing Cross-Task Interference in Multi-Task Low-Rank Adaptation"
-(arXiv 2504.07448). Recipe (design/methods-lora.md, section 3):
+(arXiv 2504.07448). Recipe (docs/ARCHITECTURE.md, "Conventions", for how it meets the merges):
 
 1. LoRI-D: A frozen at a random init, B = 0 trained densely.   ``model = lori_model(base, LoriSpec(seed=1))``
 2. Masks: keep the top (1 - sparsity) of |B| (default sparsity 0.9), pooled over all modules (``scope="global"``,

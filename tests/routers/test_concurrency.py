@@ -12,9 +12,9 @@ import threading
 import pytest
 import torch
 
-from loramerge.routers import ArrowRouter, attach_gated_lora, generate_routed
+from loramerge.routers import ArrowRouter, CentroidRouter, PooledHiddenEmbedder, attach_gated_lora, generate_routed
 
-from .conftest import TASKS
+from .conftest import TASKS, labelled
 
 PROMPTS = ["one two three", "cat dog bird", "code python function", "sum add seven"]
 ROUNDS = 4
@@ -27,17 +27,21 @@ def world(task_world):
     arrow = ArrowRouter.from_adapters(task_world.paths, names=TASKS, top_k=1)
     arrow_request = ArrowRouter.from_adapters(task_world.paths, names=TASKS, top_k=1, mode="request")
     arrow_request.bind(controller, task_world.tokenizer)
-    return controller, task_world.tokenizer, arrow, arrow_request
+    embedder = PooledHiddenEmbedder(model, task_world.tokenizer, layer=1, controller=controller)  # base model
+    centroid = CentroidRouter.fit(labelled(8, seed=3), embedder)
+    return controller, task_world.tokenizer, arrow, arrow_request, centroid
 
 
-def _calls(controller, tokenizer, arrow, arrow_request):
-    """name -> a call returning a tensor: per-request weights, per-token gates, Arrow's per-request routing."""
+def _calls(controller, tokenizer, arrow, arrow_request, centroid):
+    """name -> a call returning a tensor: per-request weights, per-token gates, a router on base-model
+    embeddings, the detached base model, Arrow's per-request routing."""
     def generate(**kwargs):
         return lambda: generate_routed(controller, tokenizer, PROMPTS, max_new_tokens=8, **kwargs).sequences
 
     calls = {f"only-{task}": generate(weights={task: 1.0}) for task in TASKS}
     calls["mix"] = generate(weights=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.5]])
     calls["arrow-token"] = generate(router=arrow)
+    calls["centroid"] = generate(router=centroid)  # embeds (detached, right padding), then generates (left padding)
 
     def base_model():
         with controller.detached():

@@ -185,3 +185,63 @@ def test_bad_weights_and_bad_model_fail_clearly(gated, gpt2, three_adapters):
         attach_gated_lora(copy.deepcopy(gpt2), three_adapters)
     with pytest.raises(LoramergeError, match="already has gated layers"):
         attach_gated_lora(model, three_adapters)
+
+
+def test_adapters_are_opened_as_one_checked_adapter_set(llama, three_adapters):
+    """Duplicate names, the same directory twice and mixed base models are refused before any layer is attached."""
+    from loramerge.core.adapter_set import AdapterSet
+    from loramerge.errors import RecipeError
+
+    model = copy.deepcopy(llama)
+    with pytest.raises(RecipeError, match="used twice"):
+        attach_gated_lora(model, three_adapters[:2], names=["a", "a"])
+    with pytest.raises(RecipeError, match="listed twice"):
+        attach_gated_lora(model, [three_adapters[0], three_adapters[0]])
+    assert not any(type(m).__name__ == "GatedLoraLayer" for m in model.modules())
+    aset = AdapterSet.open(three_adapters, names=["x", "y", "z"])
+    controller = attach_gated_lora(model, aset)
+    assert controller.adapter_names == ["x", "y", "z"] and list(controller.layers) == list(aset.module_names)
+
+
+class _TableRowGate(GateModule):
+    """A static per-layer gate: one row of a shared (layers x adapters) coefficient table (AdaMerging's lambda)."""
+
+    level = "adapter"
+
+    def __init__(self, table, row):
+        super().__init__()
+        self.table, self.row = table, row
+
+    def forward(self, x, z, layer):
+        return self.table[self.row]  # (N,): the same coefficients for every token of every sample
+
+
+def test_layerwise_task_coefficients_as_gates_equal_dense_reference_and_train_only_the_table(llama, three_adapters):
+    """What AdaMerging trains: gates of shape (layers x tasks) on the gated LoRA, LoRA factors and model frozen.
+
+    Oracle: every targeted Linear replaced by W0 + sum_t c[layer, t] B_t A_t (dense, from the adapter files)."""
+    import re
+
+    model = copy.deepcopy(llama)
+    controller = attach_gated_lora(model, three_adapters)
+    layer_of = {m: int(re.search(r"layers\.(\d+)\.", m).group(1)) for m in controller.layers}
+    table = torch.nn.Parameter(torch.rand(max(layer_of.values()) + 1, 3, generator=torch.Generator().manual_seed(0)))
+    for p in model.parameters():  # the model frozen first: the installed gates (and the table) become submodules
+        p.requires_grad_(False)
+    controller.set_gates({m: _TableRowGate(table, layer_of[m]) for m in controller.layers})
+    out = model(IDS).logits
+    assert controller.gate_parameters() == [table]  # shared by every gate, listed once
+    out.float().pow(2).mean().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
+    assert all(not b.requires_grad for layer in controller.layers.values() for b in (layer.lora_A, layer.lora_B))
+
+    reference = copy.deepcopy(llama)
+    adapters = [load_adapter(p) for p in three_adapters]
+    with torch.no_grad():
+        for m, layer in layer_of.items():
+            linear = reference.get_submodule(m)
+            for t, adapter in enumerate(adapters):
+                if m in adapter.modules:
+                    linear.weight += table[layer, t] * adapter.factors(m).delta()
+        ref = reference(IDS).logits
+    torch.testing.assert_close(out.detach(), ref, atol=2e-5, rtol=1e-4)

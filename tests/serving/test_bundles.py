@@ -7,7 +7,8 @@ import torch
 from loramerge.artifacts.basis import build_basis
 from loramerge.artifacts.twin import build_twin, compose_twin, load_twin
 from loramerge.core.adapter import load_adapter
-from loramerge.serving.compose import AdapterCatalog, Composer
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
 
 
 def served_deltas(adapter_dir) -> dict[str, torch.Tensor]:

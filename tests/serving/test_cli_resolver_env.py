@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from loramerge.serving.cli import app, build_engine, parse_adapter_pairs
-from loramerge.serving.compose import CompositionError
+from loramerge.serving.errors import CompositionError
 from loramerge.serving.resolver import composer_from_env
 
 

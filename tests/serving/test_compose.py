@@ -13,17 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from loramerge.core.adapter import LoraFactors
-from loramerge.serving.compose import (
-    AdapterCatalog,
-    Bounds,
-    ComposedAdapter,
-    Composer,
-    Composition,
-    CompositionCache,
-    CompositionError,
-    UnknownAdapterError,
-    parse_model_field,
-)
+from loramerge.serving.bounds import Bounds
+from loramerge.serving.cache import ComposedAdapter, CompositionCache
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
+from loramerge.serving.errors import CompositionError, UnknownAdapterError
+from loramerge.serving.grammar import Composition, parse_model_field
 
 # ----------------------------------------------------------------------------- dense oracle, from the files
 

@@ -7,8 +7,11 @@ import asyncio
 
 import pytest
 
-from loramerge.serving.compose import AdapterCatalog, Composer, CompositionError
-from loramerge.serving.engine import GenerationRequest, PeftEngine, SamplingOptions
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
+from loramerge.serving.engine import GenerationRequest, SamplingOptions
+from loramerge.serving.errors import CompositionError
+from loramerge.serving.peft_engine import PeftEngine
 
 MODELS = ["base", "code", "math", "mix:code=0.7,math=0.3", "mix:code=0.5,chat=-1.5,math=0.25;method=average",
           "wide"]

@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from loramerge.serving.background import BackgroundServer
-from loramerge.serving.compose import AdapterCatalog, Composer
-from loramerge.serving.engine import PeftEngine
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
+from loramerge.serving.peft_engine import PeftEngine
 from loramerge.serving.server import create_app
 
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import difflib
 
 from loramerge.errors import RecipeError
-from loramerge.merging.methods.adamerging import ADAMERGING
-from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs
-from loramerge.merging.methods.data import FISHER, LINES, REGMEAN, REGMEAN_PLUS
-from loramerge.merging.methods.elementwise import BREADCRUMBS, DARE_LINEAR, DARE_TIES, DELLA, MAGNITUDE_PRUNE, TIES
-from loramerge.merging.methods.factorwise import FACTORWISE_METHODS, factorwise
-from loramerge.merging.methods.knots import KNOTS
-from loramerge.merging.methods.lego import LORA_LEGO
-from loramerge.merging.methods.linear import AVERAGE, CAT, TASK_ARITHMETIC
-from loramerge.merging.methods.spectral import ISO_C, ISO_CTS, STAR, TSV
+from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, ModuleInputs, Ref
+from loramerge.merging.methods.catalog import BUILTIN_METHODS, FACTORWISE_METHODS, with_factorwise
 
-__all__ = ["Dense", "Factored", "MergeMethod", "MethodConfig", "ModuleInputs", "REGISTRY", "get_method", "register_method"]
+__all__ = [
+    "FACTORWISE_METHODS", "REGISTRY", "Dense", "Factored", "MergeMethod", "MethodConfig", "ModuleInputs", "Ref",
+    "get_method", "register_method",
+]
 
 REGISTRY: dict[str, MergeMethod] = {}
 _ALIASES: dict[str, str] = {}
@@ -42,22 +38,6 @@ def get_method(name: str) -> MergeMethod:
     return REGISTRY[key]
 
 
-def _with_factorwise(method: MergeMethod) -> MergeMethod:
-    from dataclasses import replace
-
-    return replace(method, factorwise=factorwise(method.name)) if method.name in FACTORWISE_METHODS else method
-
-
-# Built-in methods, one group per file. Add a new file's group here (explicit, no import side effects).
-_BUILTIN_GROUPS: tuple[tuple[MergeMethod, ...], ...] = (
-    (TASK_ARITHMETIC, AVERAGE, CAT),
-    (TIES, DARE_LINEAR, DARE_TIES, DELLA, BREADCRUMBS, MAGNITUDE_PRUNE),
-    (LORA_LEGO,),
-    (TSV, ISO_C, ISO_CTS, STAR, KNOTS),
-    (ADAMERGING,),
-    (REGMEAN, REGMEAN_PLUS, FISHER, LINES),
-)
-
-for _group in _BUILTIN_GROUPS:
-    for _method in _group:
-        register_method(_with_factorwise(_method))
+# The built-in methods (merging/methods/catalog.py): registered explicitly, resolved lazily.
+for _method in BUILTIN_METHODS:
+    register_method(with_factorwise(_method))

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from loramerge.core.factored import concat_factors
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 from loramerge.merging.methods.data import layer_index
 
 Granularity = Literal["task", "layer", "module"]
@@ -59,11 +59,3 @@ def adamerging(cfg: AdaMergingConfig, inputs: ModuleInputs) -> Factored:
                              "(learn them with `loramerge adamerging`, or set parameters.default)")
     B, A = concat_factors(inputs.factors, [w * lam for w, lam in zip(inputs.weights, lambdas)])
     return Factored(B=B, A=A)
-
-
-ADAMERGING = MergeMethod(
-    name="adamerging", config_cls=AdaMergingConfig, fn=adamerging, kind="factored", exact=True, data="prompts",
-    paper="AdaMerging: Adaptive Model Merging for Multi-Task Learning (Yang et al., ICLR 2024)",
-    url="https://arxiv.org/abs/2310.02575",
-    summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
-)

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from loramerge.errors import RecipeError
-from loramerge.merging.methods.base import Dense, Factored, MergeMethod, MethodConfig, MethodResult, ModuleInputs
+from loramerge.merging.methods.base import Dense, Factored, MethodConfig, MethodResult, ModuleInputs
 
 log = logging.getLogger("loramerge.merging.methods.data")
 
@@ -208,32 +208,5 @@ def build_post(spec: str | dict | None, modules: Sequence[str]) -> PostStep | No
     return PostStep("lines", cfg, cfg.num_layers or num_layers_of(modules))
 
 
-REGMEAN = MergeMethod(
-    name="regmean", config_cls=RegMeanConfig, fn=regmean, kind="factored", exact=True, data="gram",
-    paper="Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023)",
-    url="https://arxiv.org/abs/2212.09849",
-    summary="least-squares merge of each layer's outputs on calibration inputs; exact factored, rank sum r_t",
-)
-REGMEAN_PLUS = MergeMethod(
-    name="regmean_plus", aliases=("regmean++",), config_cls=RegMeanConfig, fn=regmean_plus, kind="factored",
-    exact=True, data="model",
-    paper="RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for Model Merging "
-          "(Dang et al., 2025)",
-    url="https://arxiv.org/abs/2508.03121",
-    summary="RegMean with each block's statistics from the partially merged model; needs data and the base model",
-)
-FISHER = MergeMethod(
-    name="fisher", config_cls=FisherConfig, fn=fisher, kind="elementwise", exact=False, data="fisher",
-    paper="Merging Models with Fisher-Weighted Averaging (Matena & Raffel, NeurIPS 2022)",
-    url="https://arxiv.org/abs/2111.09832",
-    summary="element-wise Fisher-weighted average (Kronecker-factored diagonal Fisher); rank policy",
-)
-LINES = MergeMethod(
-    name="lines", config_cls=LinesConfig, fn=lines, kind="factored", exact=True, prepare=_lines_prepare,
-    paper="LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging (Wang et al., ICLR 2025)",
-    url="https://arxiv.org/abs/2410.17146",
-    summary="task arithmetic with the delta scaled linearly with depth; also `post: lines` after any method",
-)
-
-__all__ = ["FISHER", "LINES", "REGMEAN", "REGMEAN_PLUS", "PostStep", "build_post", "cholesky_with_ridge", "layer_index",
+__all__ = ["PostStep", "build_post", "cholesky_with_ridge", "layer_index",
            "lines_factor", "scaled_gram"]

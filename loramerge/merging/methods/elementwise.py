@@ -31,11 +31,12 @@ from loramerge.core.ops import (
     random_drop_,
     replay_drop_,
     row_blocks,
+    shrink_below,
     topk_threshold,
     topk_threshold_of_product,
     zero_below_,
 )
-from loramerge.merging.methods.base import Dense, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Dense, MethodConfig, ModuleInputs
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(adapter position, weighted dense delta) -> the sparsified, possibly rescaled delta."""
@@ -124,6 +125,12 @@ class _Blocks:
         return torch.matmul(self.B[t][rows], self.A[t], out=out)
 
 
+def row_basis(inputs: ModuleInputs) -> torch.Tensor:
+    """An orthonormal basis of the inputs' stacked A rows (d_in x R): the warm start of the rank policy's SVD."""
+    A_cat = torch.cat([f.A for f in inputs.factors], dim=0)
+    return torch.linalg.qr(A_cat.T, mode="reduced")[0]
+
+
 def _blocked_sum(inputs: ModuleInputs, sparsify: BlockSparsifier, scale: float) -> torch.Tensor:
     """``scale * sum_t sparsify(w_t B_t A_t)``, block by block (adapters summed in order, as a dense loop would)."""
     blocks = _Blocks(inputs)
@@ -147,49 +154,52 @@ def _blocked_sign_resolved(
     """TIES's elect-and-fuse with the mass rule, in one pass over the adapters.
 
     Per block it keeps the mass ``sum_t d_t`` (in the adapters' order, so the elected signs are those of the
-    two-pass form), the sums of the positive and of the negative entries and their counts (or summed |w_t|).
-    Where the mass is positive the result is the positive sum over its count, where negative the negative one:
-    exactly the disjoint mean (or sum) of the entries that agree with the elected sign. Entries whose mass is
-    exactly zero while some entry is not (an exact cancellation) take the sign of the whole mass's sum, which is
-    known only at the end: they are recorded and filled in then.
+    two-pass form), the sum of the positive entries, and per entry the sum of ``sign(d_t)`` and of ``|sign(d_t)|``
+    (weighted by ``|w_t|`` for DELLA's weight denominator), from which the positive and negative counts follow.
+    Where the mass is positive the result is the positive sum over its count, where negative the negative sum
+    (mass minus positive sum) over its count: exactly the disjoint mean (or sum) of the entries that agree with
+    the elected sign. Only float operations run per adapter and entry (boolean comparisons are several times
+    slower on CPU). Entries whose mass is exactly zero while some entry is not (an exact cancellation) take the
+    sign of the whole mass's sum, known only at the end: they are recorded and filled in then.
     """
     blocks = _Blocks(inputs)
     out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
     by_weight = denominator == "weight"
-    count_dtype = blocks.dtype if by_weight else (torch.uint8 if len(inputs.factors) < 256 else torch.int32)
     pending: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     total = 0.0
     for rows in blocks.rows:
-        mass, pos, neg = blocks.scratch(rows), blocks.scratch(rows), blocks.scratch(rows)
-        n_pos, n_neg = blocks.scratch(rows, count_dtype), blocks.scratch(rows, count_dtype)
+        mass, pos, signs, nonzero = (blocks.scratch(rows) for _ in range(4))
         for t in range(len(inputs.factors)):
             d = sparsify(t, blocks.block(t, rows), rows)
+            alpha = abs(inputs.weights[t]) if by_weight else 1.0
+            s = torch.sign(d)
             if t == 0:
                 mass.copy_(d)
                 torch.clamp(d, min=0.0, out=pos)
-                torch.clamp(d, max=0.0, out=neg)
-                torch.gt(d, 0, out=n_pos) if not by_weight else torch.mul(d > 0, abs(inputs.weights[t]), out=n_pos)
-                torch.lt(d, 0, out=n_neg) if not by_weight else torch.mul(d < 0, abs(inputs.weights[t]), out=n_neg)
+                torch.mul(s, alpha, out=signs)
+                torch.abs(s, out=nonzero).mul_(alpha)
                 continue
             mass.add_(d)
             pos.add_(d.clamp(min=0.0))
-            neg.add_(d.clamp(max=0.0))
-            if by_weight:
-                n_pos.add_((d > 0) * abs(inputs.weights[t]))
-                n_neg.add_((d < 0) * abs(inputs.weights[t]))
-            else:
-                n_pos.add_(d > 0)
-                n_neg.add_(d < 0)
+            signs.add_(s, alpha=alpha)
+            nonzero.add_(s.abs_(), alpha=alpha)
         total += float(mass.sum(dtype=torch.float64))
+        elected = torch.sign(mass)
+        tied = (1.0 - elected.abs()).mul_(nonzero)  # > 0 where the mass is 0 but some entry is not
+        neg = mass.sub_(pos)
         if merge_func == "mean":
-            pos.div_(n_pos.clamp(min=1e-12) if by_weight else n_pos.clamp(min=1).to(pos.dtype))
-            neg.div_(n_neg.clamp(min=1e-12) if by_weight else n_neg.clamp(min=1).to(neg.dtype))
+            floor = 1e-12 if by_weight else 1.0
+            n_pos = (nonzero + signs).mul_(0.5)  # integer counts (or summed |w_t|) of the positive entries
+            n_neg = nonzero.sub_(signs).mul_(0.5)
+            pos.div_(n_pos.clamp_(min=floor))
+            neg.div_(n_neg.clamp_(min=floor))
+        positive = elected.clamp(min=0.0)  # 1 where the mass is positive
+        negative = elected.abs_().sub_(positive)  # 1 where it is negative
         target = out[rows]
-        torch.where(mass > 0, pos, neg, out=target)
-        tied = (mass == 0) & ((pos != 0) | (neg != 0))
-        if bool(tied.any()):
-            pending.append((rows, tied, pos[tied].clone(), neg[tied].clone()))
-        target.mul_(scale)
+        torch.mul(pos, positive, out=target).add_(neg * negative).mul_(scale)
+        if float(tied.sum()) > 0:  # tied >= 0; a sum is far cheaper than any() on CPU
+            mask = tied.bool()
+            pending.append((rows, mask, pos[mask].clone(), neg[mask].clone()))
     for rows, tied, pos_values, neg_values in pending:
         out[rows][tied] = scale * (pos_values if total >= 0 else neg_values)
     return out
@@ -208,9 +218,9 @@ def ties(cfg: TiesConfig, inputs: ModuleInputs) -> Dense:
         thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
 
         def trim_block(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
-            return d if thresholds[t] is None else zero_below_(d, thresholds[t])
+            return d if thresholds[t] is None else shrink_below(d, thresholds[t])
 
-        return Dense(_blocked_sign_resolved(inputs, trim_block, cfg.merge_func, cfg.lambda_))
+        return Dense(_blocked_sign_resolved(inputs, trim_block, cfg.merge_func, cfg.lambda_), basis=row_basis(inputs))
     thresholds: dict[int, float | None] = {}
 
     def trim(t: int, d: torch.Tensor) -> torch.Tensor:
@@ -266,13 +276,13 @@ def _dare(cfg: DareConfig, inputs: ModuleInputs, *, keep_masks: bool = False) ->
 
 def dare_linear(cfg: DareConfig, inputs: ModuleInputs) -> Dense:
     """DARE: drop entries at random (keep prob. density), rescale, then weighted sum."""
-    return Dense(_blocked_sum(inputs, _dare_blocks(cfg, inputs), cfg.lambda_))
+    return Dense(_blocked_sum(inputs, _dare_blocks(cfg, inputs), cfg.lambda_), basis=row_basis(inputs))
 
 
 def dare_ties(cfg: DareTiesConfig, inputs: ModuleInputs) -> Dense:
     """DARE's random drop followed by TIES sign election and disjoint mean."""
     if cfg.majority_sign == "total":
-        return Dense(_blocked_sign_resolved(inputs, _dare_blocks(cfg, inputs), "mean", cfg.lambda_))
+        return Dense(_blocked_sign_resolved(inputs, _dare_blocks(cfg, inputs), "mean", cfg.lambda_), basis=row_basis(inputs))
     drop = _dare(cfg, inputs, keep_masks=True)
     return Dense(_sign_resolved_merge(inputs, drop, "mean", cfg.majority_sign).mul_(cfg.lambda_))
 
@@ -301,8 +311,8 @@ def della(cfg: DellaConfig, inputs: ModuleInputs) -> Dense:
         return torch.where(keep, d / probs, 0.0)
 
     if not cfg.elect_sign:
-        return Dense(_blocked_sum(inputs, magprune, cfg.lambda_))
-    return Dense(_blocked_sign_resolved(inputs, magprune, "mean", cfg.lambda_, denominator="weight"))
+        return Dense(_blocked_sum(inputs, magprune, cfg.lambda_), basis=row_basis(inputs))
+    return Dense(_blocked_sign_resolved(inputs, magprune, "mean", cfg.lambda_, denominator="weight"), basis=row_basis(inputs))
 
 
 class BreadcrumbsConfig(MethodConfig):
@@ -341,8 +351,8 @@ def breadcrumbs(cfg: BreadcrumbsConfig, inputs: ModuleInputs) -> Dense:
         return d.mul_((a <= hi) & (a >= lo))
 
     if cfg.sign_election:
-        return Dense(_blocked_sign_resolved(inputs, band, "mean", cfg.lambda_))
-    return Dense(_blocked_sum(inputs, band, cfg.lambda_))
+        return Dense(_blocked_sign_resolved(inputs, band, "mean", cfg.lambda_), basis=row_basis(inputs))
+    return Dense(_blocked_sum(inputs, band, cfg.lambda_), basis=row_basis(inputs))
 
 
 class MagnitudePruneConfig(MethodConfig):
@@ -355,38 +365,6 @@ def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
     thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
 
     def prune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
-        return d if thresholds[t] is None else zero_below_(d, thresholds[t])
+        return d if thresholds[t] is None else shrink_below(d, thresholds[t])
 
-    return Dense(_blocked_sum(inputs, prune, cfg.lambda_))
-
-
-TIES = MergeMethod(
-    name="ties", config_cls=TiesConfig, fn=ties, kind="elementwise", exact=False,
-    paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023)",
-    url="https://arxiv.org/abs/2306.01708", summary="trim top-k%, elect sign by mass, disjoint mean",
-)
-DARE_LINEAR = MergeMethod(
-    name="dare_linear", config_cls=DareConfig, fn=dare_linear, kind="elementwise", exact=False,
-    paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch (Yu et al., ICML 2024)",
-    url="https://arxiv.org/abs/2311.03099", summary="random drop + rescale, weighted sum (seeded)",
-)
-DARE_TIES = MergeMethod(
-    name="dare_ties", config_cls=DareTiesConfig, fn=dare_ties, kind="elementwise", exact=False,
-    paper=DARE_LINEAR.paper, url=DARE_LINEAR.url, summary="random drop + rescale, TIES sign election (seeded)",
-)
-DELLA = MergeMethod(
-    name="della", config_cls=DellaConfig, fn=della, kind="elementwise", exact=False,
-    paper="DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024)",
-    url="https://arxiv.org/abs/2406.11617", summary="MAGPRUNE drop by magnitude rank, elect, weighted fuse (seeded)",
-)
-BREADCRUMBS = MergeMethod(
-    name="breadcrumbs", config_cls=BreadcrumbsConfig, fn=breadcrumbs, kind="elementwise", exact=False,
-    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024)",
-    url="https://arxiv.org/abs/2312.06795", summary="drop outliers and small entries per task, then sum",
-)
-MAGNITUDE_PRUNE = MergeMethod(
-    name="magnitude_prune", config_cls=MagnitudePruneConfig, fn=magnitude_prune, kind="elementwise", exact=False,
-    paper="PEFT magnitude_prune (magnitude pruning of task vectors)",
-    url="https://huggingface.co/docs/peft/main/en/package_reference/merge_utils",
-    summary="keep top-k% magnitudes per task, then weighted sum",
-)
+    return Dense(_blocked_sum(inputs, prune, cfg.lambda_), basis=row_basis(inputs))

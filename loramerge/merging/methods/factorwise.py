@@ -19,9 +19,6 @@ import torch
 from loramerge.core.ops import bernoulli_mask, generator_for, magnitude_mask
 from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
-FACTORWISE_METHODS: tuple[str, ...] = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-"""The methods with a PEFT factor-wise variant (``factorwise: true``): the one list."""
-
 Combine = Callable[[list[torch.Tensor], list[float], torch.Generator], torch.Tensor]
 
 
@@ -35,7 +32,7 @@ def _disjoint_mean(tensors: list[torch.Tensor], weights: list[float], majority_s
     votes = stacked.sign().sum(0) if majority_sign == "frequency" else stacked.sum(0)
     elected = torch.where(votes >= 0, 1.0, -1.0)
     agree = stacked.sign() == elected
-    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype).view(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
@@ -89,7 +86,7 @@ def factorwise(method: str) -> Callable[[MethodConfig, ModuleInputs], Factored]:
         raw_A = [f.A for f in inputs.factors]
         raw_B = [f.B / f.scale for f in inputs.factors]
         combine = _combiner(method, cfg)
-        gen = generator_for(inputs.seed, "factorwise", inputs.name)
+        gen = generator_for(inputs.seed, "factorwise", inputs.name, device=inputs.factors[0].A.device)
         A = combine(raw_A, w_A, gen)
         B = combine(raw_B, w_B, gen)
         return Factored(B=B, A=A)

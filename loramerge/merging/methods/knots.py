@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from loramerge.core.adapter import LoraFactors
 from loramerge.core.factored import DEFAULT_RTOL
 from loramerge.core.ops import bernoulli_mask, elect_sign, generator_for, topk_threshold
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 from loramerge.merging.methods.spectral import zero_result
 
 MergeKind = Literal["ties", "dare_ties", "dare_linear", "linear"]
@@ -141,7 +141,7 @@ def _dropper(cfg: KnotsConfig, inputs: ModuleInputs) -> Sparsifier:
 
 
 def _summed(basis: JointBasis, sparsify: Sparsifier) -> torch.Tensor:
-    acc = torch.zeros(basis.rank, basis.input_bases[0].shape[0], dtype=basis.S.dtype)
+    acc = torch.zeros(basis.rank, basis.input_bases[0].shape[0], dtype=basis.S.dtype, device=basis.S.device)
     for t in range(len(basis.core_blocks)):
         acc.add_(sparsify(t, basis.coordinates(t)))
     return acc
@@ -218,7 +218,7 @@ def global_topk_thresholds(
         else:
             rank = n - k + 1  # ascending position (1-based) of the k-th largest
             cumulative = torch.cumsum(hist, 0)
-            b = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+            b = int(torch.searchsorted(cumulative, torch.tensor(rank, device=cumulative.device)))
             before = int(cumulative[b - 1]) if b > 0 else 0
             targets[key] = (b, rank - before)
     if targets:
@@ -246,10 +246,3 @@ def knots_prepare(cfg: KnotsConfig, modules: Callable[[], Iterator[ModuleInputs]
     if not cfg.global_trim:
         return None
     return global_topk_thresholds(cfg.keep, lambda: _coordinate_stream(modules()))
-
-
-KNOTS = MergeMethod(
-    name="knots", config_cls=KnotsConfig, fn=knots, prepare=knots_prepare, kind="factored", exact=False,
-    paper="Model merging with SVD to tie the KnOTS (Stoica et al., ICLR 2025)", url="https://arxiv.org/abs/2410.19735",
-    summary="joint SVD of the module's adapters, then TIES / DARE / task arithmetic on the aligned coordinates",
-)

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from loramerge.core.ops import generator_for
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
 _WORK = torch.float64
 
@@ -63,8 +63,9 @@ class Clustering:
 
 def pool_units(inputs: ModuleInputs) -> Units:
     """All rank units of the module's adapters, each adapter's weight folded into its b."""
-    b = torch.cat([w * f.B.to(_WORK) for f, w in zip(inputs.factors, inputs.weights, strict=True)], dim=1).T
-    a = torch.cat([f.A.to(_WORK) for f in inputs.factors], dim=0)
+    # the units are few (R) and the k-means is seeded by a CPU generator: cluster on the CPU
+    b = torch.cat([w * f.B.to('cpu', _WORK) for f, w in zip(inputs.factors, inputs.weights, strict=True)], dim=1).T
+    a = torch.cat([f.A.to('cpu', _WORK) for f in inputs.factors], dim=0)
     return Units(a=a, b=b)
 
 
@@ -212,20 +213,9 @@ def lora_lego(cfg: LegoConfig, inputs: ModuleInputs) -> Factored:
     B, A = lego_merge(pool_units(inputs), k, cfg, generator)
     scale = cfg.gamma
     if cfg.output_reweight == "norm":
-        target = sum(abs(w) * _delta_norm(f.B.to(_WORK), f.A.to(_WORK))
+        target = sum(abs(w) * _delta_norm(f.B.to('cpu', _WORK), f.A.to('cpu', _WORK))
                      for f, w in zip(inputs.factors, inputs.weights, strict=True)) / len(inputs.factors)
         current = _delta_norm(B, A)
         scale *= target / current if current > 0 else 0.0
-    out_dtype = inputs.factors[0].B.dtype
-    return Factored(B=(B * scale).to(out_dtype), A=A.to(out_dtype))
-
-
-LORA_LEGO = MergeMethod(
-    name="lora_lego", config_cls=LegoConfig, fn=lora_lego, kind="factored", exact=False,
-    paper="Merging LoRAs like Playing LEGO: Pushing the Modularity of LoRA to Extremes Through Rank-Wise "
-    "Clustering (Zhao et al., ICLR 2025)",
-    url="https://arxiv.org/abs/2409.16167",
-    summary="k-means (k-means++, seeded) over the gauge-canonical rank units of all adapters; "
-    "cluster centroids form a rank-k LoRA, with parameter and output reweighting",
-    aliases=("lego",),
-)
+    out_dtype, device = inputs.factors[0].B.dtype, inputs.factors[0].B.device
+    return Factored(B=(B * scale).to(device, out_dtype), A=A.to(device, out_dtype))

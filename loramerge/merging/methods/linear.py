@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from loramerge.core.factored import RankPolicy, concat_factors
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.core.factored import concat_factors
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
 
 class TaskArithmeticConfig(MethodConfig):
@@ -47,22 +47,3 @@ def cat(cfg: CatConfig, inputs: ModuleInputs) -> Factored:
     """The weighted sum stored as the concatenation itself (rank = sum of ranks)."""
     B, A = concat_factors(inputs.factors, list(inputs.weights))
     return Factored(B=B, A=A)
-
-
-TASK_ARITHMETIC = MergeMethod(
-    name="task_arithmetic", aliases=("linear",), config_cls=TaskArithmeticConfig, fn=task_arithmetic,
-    kind="factored", exact=True,
-    paper="Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023)", url="https://arxiv.org/abs/2212.04089",
-    summary="lambda * sum of weighted deltas; exact concatenation",
-)
-AVERAGE = MergeMethod(
-    name="average", config_cls=AverageConfig, fn=average, kind="factored", exact=True,
-    paper="Model soups (Wortsman et al., ICML 2022)", url="https://arxiv.org/abs/2203.05482",
-    summary="weighted mean of the deltas; exact concatenation",
-)
-CAT = MergeMethod(
-    name="cat", config_cls=CatConfig, fn=cat, kind="factored", exact=True, fixed_rank=RankPolicy("exact"),
-    paper="PEFT add_weighted_adapter(combination_type='cat')",
-    url="https://huggingface.co/docs/peft/main/en/developer_guides/model_merging",
-    summary="weighted sum kept as the concatenated LoRA (rank = sum of ranks)",
-)

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from loramerge.core.factored import DEFAULT_RTOL, concat_factors
-from loramerge.merging.methods.base import Factored, MergeMethod, MethodConfig, ModuleInputs
+from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 def zero_result(inputs: ModuleInputs) -> Factored:
     """An all-zero delta, kept as one zero rank unit so PEFT still has a module."""
     f = inputs.factors[0]
-    return Factored(B=torch.zeros(f.d_out, 1, dtype=f.B.dtype), A=torch.zeros(1, f.d_in, dtype=f.A.dtype))
+    return Factored(B=f.B.new_zeros(f.d_out, 1), A=f.A.new_zeros(1, f.d_in))
 
 
 def balanced(parts: Triplets, scale: float, dtype: torch.dtype) -> Factored:
@@ -228,29 +228,3 @@ def star(cfg: StarConfig, inputs: ModuleInputs) -> Factored:
             raise ValueError("normalize divides by the sum of the weights, which is zero; set normalize: false")
         scale /= weight_sum
     return balanced(stack(parts), scale, inputs.factors[0].B.dtype)
-
-
-_ISO_PAPER = ("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces "
-              "(Marczak et al., ICML 2025)")
-_ISO_URL = "https://arxiv.org/abs/2502.04959"
-
-TSV = MergeMethod(
-    name="tsv", aliases=("tsv_m",), config_cls=TsvConfig, fn=tsv, kind="factored", exact=False,
-    paper="Task Singular Vectors: Reducing Task Interference in Model Merging (Gargiulo et al., CVPR 2025)",
-    url="https://arxiv.org/abs/2412.00081",
-    summary="TSV-M: per-task singular vectors, Procrustes-orthogonalised across tasks, singular values kept",
-)
-ISO_C = MergeMethod(
-    name="iso_c", config_cls=IsoCConfig, fn=iso_c, kind="factored", exact=False, paper=_ISO_PAPER, url=_ISO_URL,
-    summary="flatten the spectrum of the sum to its mean, over the sum's non-zero singular values",
-)
-ISO_CTS = MergeMethod(
-    name="iso_cts", config_cls=IsoCtsConfig, fn=iso_cts, kind="factored", exact=False, paper=_ISO_PAPER, url=_ISO_URL,
-    summary="common subspace of the sum plus per-task residual directions, orthogonalised, flat spectrum",
-)
-STAR = MergeMethod(
-    name="star", config_cls=StarConfig, fn=star, kind="factored", exact=False,
-    paper="STAR: Spectral Truncation and Rescale for Model Merging (Lee et al., NAACL 2025)",
-    url="https://arxiv.org/abs/2502.10339",
-    summary="per task keep eta% of the nuclear norm, rescale to the full norm, then average",
-)

@@ -7,8 +7,10 @@ import os
 
 import pytest
 
-from loramerge.serving.compose import AdapterCatalog, Composer
-from loramerge.serving.engine import GenerationRequest, SamplingOptions, VLLMEngine, VLLMSettings, lora_request_for
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
+from loramerge.serving.engine import GenerationRequest, SamplingOptions
+from loramerge.serving.vllm_engine import VLLMEngine, VLLMSettings, lora_request_for
 
 GREEDY = SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True)
 MODELS = ["base", "code", "math", "chat", "wide", "mix:code=0.7,math=0.3", "mix:code=0.5,chat=-1.5,math=0.25;method=average",
@@ -69,7 +71,7 @@ def test_base_rows_are_wrong_without_the_workaround(engine, oracle, prompts):
     adapters = [composer.build(composer.resolve(composer.parse(m))).adapter for m in ("code", "math", "chat", "wide")]
     rows = [None, adapters[0], None, adapters[1], None, adapters[2], None, adapters[3]]
     ids = [engine.tokenize(prompts[i % 2])[0] for i in range(len(rows))]
-    from loramerge.serving.engine import sampling_params_for
+    from loramerge.serving.vllm_engine import sampling_params_for
 
     outs = engine.llm.generate([{"prompt_token_ids": t} for t in ids], sampling_params_for(GREEDY),
                                lora_request=[lora_request_for(a) for a in rows], use_tqdm=False)
@@ -81,3 +83,22 @@ def test_base_rows_are_wrong_without_the_workaround(engine, oracle, prompts):
     for i, out in enumerate(fixed):
         if i % 2 == 0:
             assert out.token_ids == oracle.greedy(None, out.prompt_token_ids, GREEDY.max_tokens)
+
+
+def test_offline_streaming_is_token_by_token(engine, prompts):
+    """One event per sampled token (the offline engine is stepped), equal to the batch generation."""
+    import asyncio
+
+    async def collect(model):
+        composition, events = await engine.astream(GenerationRequest(prompts[0], model, GREEDY))
+        return composition, [event async for event in events]
+
+    for model in ("mix:code=0.7,math=0.3", "base"):
+        composition, events = asyncio.run(collect(model))
+        assert [len(e.token_ids) for e in events] == [1] * GREEDY.max_tokens, model
+        assert [e.finish_reason for e in events] == [None] * (GREEDY.max_tokens - 1) + ["length"]
+        want = engine.generate([GenerationRequest(prompts[0], model, GREEDY)])[0]
+        assert [e.token_ids[0] for e in events] == want.token_ids
+        assert "".join(e.text for e in events) == want.text
+        assert composition["label"] == ("base" if model == "base" else model)
+    assert not engine.llm.llm_engine.has_unfinished_requests()

@@ -63,7 +63,8 @@ def vllm_server(serving_base, adapter_root, tmp_path_factory):
 
 def test_resolver_serves_mixes_next_to_base_rows(vllm_server, adapter_root, oracle, prompts):
     url, cache = vllm_server
-    from loramerge.serving.compose import AdapterCatalog, Composer
+    from loramerge.serving.catalog import AdapterCatalog
+    from loramerge.serving.composer import Composer
 
     composer = Composer(AdapterCatalog(roots=[adapter_root]), max_rank=16, cache_dir=cache, cache_size=None)
     models = ["tiny", "mix:code=0.7,math=0.3", "tiny", "code", "mix:code=1,wide=1", "tiny", "mix:chat=1,math=1"]

@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from loramerge.serving.background import BackgroundServer
-from loramerge.serving.compose import AdapterCatalog, Composer
-from loramerge.serving.engine import AsyncVLLMEngine, VLLMSettings
+from loramerge.serving.catalog import AdapterCatalog
+from loramerge.serving.composer import Composer
 from loramerge.serving.server import create_app
+from loramerge.serving.vllm_engine import AsyncVLLMEngine, VLLMSettings, parse_engine_args
 
 MODELS = ["tiny", "code", "mix:code=0.7,math=0.3", "math", "tiny", "mix:chat=2,math=-1;method=average", "chat",
           "mix:code=1,wide=1", "auto"]
@@ -28,8 +29,9 @@ class FirstWordRouter:
 def served(serving_base, adapter_root, tmp_path_factory):
     composer = Composer(AdapterCatalog(roots=[adapter_root]), max_rank=16, cache_dir=tmp_path_factory.mktemp("c"),
                         router=FirstWordRouter(), device="cpu", cache_size=6)
+    extra = parse_engine_args(["max_num_seqs=24"], ["--enable-prefix-caching"])  # forwarded to vLLM as given
     settings = VLLMSettings(model=str(serving_base[1]), max_lora_rank=16, max_loras=4, max_cpu_loras=8,
-                            dtype="float32", max_model_len=128, enforce_eager=True)
+                            dtype="float32", max_model_len=128, enforce_eager=True, extra=extra)
     engine = AsyncVLLMEngine(composer, settings)
     with BackgroundServer(create_app(engine, served_name="tiny"), startup_timeout=600) as url:
         yield url, engine
@@ -82,3 +84,9 @@ def test_streaming_and_chat(served, oracle):
     assert chat["composition"]["label"] == "base" and len(chat["choices"][0]["token_ids"]) == N
     assert bad.status_code == 400 and health.json() == {"status": "ok", "backend": "vllm-async",
                                                          "cached_compositions": len(engine.composer.cache)}
+
+
+def test_engine_options_reach_vllm(served):
+    _, engine = served
+    assert engine.engine.vllm_config.scheduler_config.max_num_seqs == 24
+    assert engine.engine.vllm_config.cache_config.enable_prefix_caching is True
