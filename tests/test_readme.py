@@ -14,13 +14,14 @@ import typer.main
 from typer.testing import CliRunner
 
 from loramerge.cli.app import app
-from loramerge.demo.run import TASKS, write_task_data
+from loramerge.demo.run import TASKS, write_task_data, write_task_texts
 from loramerge.demo.toy import LLAMA_TARGETS, make_adapter, save_base, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PARSE_ONLY = {"serve"}
-"""Verbs that start a long-running process: checked to parse, not run."""
+PARSE_ONLY = {"serve", "tune", "adamerging"}
+"""Verbs that start a long-running process (a server; a search or a training of minutes): checked to parse,
+not run. tune and adamerging run end to end in tests/data/test_tune.py and tests/routers/test_adamerging.py."""
 
 
 def shell_commands(text: str) -> list[list[str]]:
@@ -100,6 +101,11 @@ def demo_tree(tmp_path_factory):
     for i, task in enumerate(TASKS):
         make_adapter(base, demo / "adapters" / task, seed=200 + i, r=8, lora_alpha=16, target_modules=LLAMA_TARGETS)
     write_task_data(demo, n=8)
+    write_task_texts(demo / "data" / "texts.jsonl", n=8)
+    recipe = re.search(r"`demo_out/recipes/regmean.yaml`:\n\n```yaml\n(.*?)```", README, flags=re.S)
+    if recipe:  # the recipe the README shows, saved where it says
+        (demo / "recipes").mkdir()
+        (demo / "recipes" / "regmean.yaml").write_text(recipe.group(1))
     shutil.copytree(ROOT / "examples", root / "examples")
     return root
 
