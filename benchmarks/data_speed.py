@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--keep", type=Path, default=None, help="keep the work directory here")
+    parser.add_argument("--skip-floor", action="store_true", help="skip the plain-forward comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -80,23 +81,23 @@ def main() -> None:
     # the floor: plain forward passes of the same texts, same batching, no hooks (decoder only, as calibrate does)
     from loramerge.data.calibration import _batches
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
-        for ids, mask in _batches(tokens, args.batch_size, tokenizer.pad_token_id or 0):
+        for ids, mask in [] if args.skip_floor else _batches(tokens, args.batch_size, tokenizer.pad_token_id or 0):
             model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
-    forward_s = time.perf_counter() - started
+    forward_s, forward_cpu = time.perf_counter() - started, time.process_time() - cpu0
 
     load = os.getloadavg()
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     stats = calibrate((model, tokenizer), adapters, data, work / "stats", batch_size=args.batch_size,
                       show_progress=False)
-    calibrate_s = time.perf_counter() - started
+    calibrate_s, calibrate_cpu = time.perf_counter() - started, time.process_time() - cpu0
     size_mb = sum(f.stat().st_size for f in stats.iterdir()) / 2**20
 
     entries = [{"path": str(p), "name": n} for n, p in adapters.items()]
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     merge(adapters=entries, method="regmean", calibration=str(stats), rank="exact")
-    regmean_s = time.perf_counter() - started
+    regmean_s, regmean_cpu = time.perf_counter() - started, time.process_time() - cpu0
     started = time.perf_counter()
     merge(adapters=entries, method="task_arithmetic", rank="exact")
     ta_s = time.perf_counter() - started
@@ -108,14 +109,17 @@ def main() -> None:
         "load_avg_before": round(load[0], 2), "load_avg_after": round(load_after[0], 2),
         "adapters": args.adapters, "prompts_per_adapter": args.prompts, "tokens_total": n_tokens,
         "plain_forward_s": round(forward_s, 1), "calibrate_s": round(calibrate_s, 1),
-        "calibrate_over_forward": round(calibrate_s / forward_s, 2), "stats_mib": round(size_mb),
+        "plain_forward_cpu_s": round(forward_cpu, 1), "calibrate_cpu_s": round(calibrate_cpu, 1),
+        "regmean_cpu_s": round(regmean_cpu, 2),
+        "calibrate_over_forward": round(calibrate_cpu / max(forward_cpu, 1e-9), 2), "stats_mib": round(size_mb),
         "regmean_s": round(regmean_s, 2), "task_arithmetic_s": round(ta_s, 2),
     }
     print(json.dumps(row, indent=2))
     print(f"| {row['date']} | {row['load_avg_before']} / {row['load_avg_after']} | {args.adapters} x {args.prompts} "
           f"({n_tokens} tokens) | {row['plain_forward_s']} s | **{row['calibrate_s']} s** "
           f"({row['calibrate_over_forward']}x) | {row['stats_mib']} MiB | **{row['regmean_s']} s** | "
-          f"{row['task_arithmetic_s']} s |")
+          f"{row['task_arithmetic_s']} s | {row['plain_forward_cpu_s']} / {row['calibrate_cpu_s']} / "
+          f"{row['regmean_cpu_s']} s |")
     if args.keep:
         shutil.copytree(work, args.keep, dirs_exist_ok=True)
     shutil.rmtree(work)

@@ -39,7 +39,7 @@ LAZY_VERBS: dict[str, LazyVerb] = {
     "adamerging": LazyVerb("loramerge.cli.tune:adamerging_command",
                            "AdaMerging: learn task- and layer-wise coefficients on prompts."),
     "calibrate": LazyVerb("loramerge.cli.data:calibrate_command",
-                          "Run each adapter's model over its texts and save per-module statistics."),
+                          "Calibration statistics (input Grams, Fisher factors) for the data-informed methods."),
 }
 
 

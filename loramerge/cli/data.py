@@ -27,6 +27,8 @@ def calibrate_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
     fisher: bool = typer.Option(False, "--fisher", help="Also record Kronecker-factored diagonal-Fisher factors "
                                 "(needs a backward pass; for `method: fisher`)."),
+    fisher_labels: str = typer.Option("sampled", "--fisher-labels", help="Fisher's next tokens: 'sampled' from the "
+                                      "model's predictions (the paper) or 'text' (the empirical Fisher)."),
     limit: int | None = typer.Option(None, "--limit", help="Use at most this many texts per adapter."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output directory."),
 ) -> None:
@@ -39,6 +41,7 @@ def calibrate_command(
     try:
         path = calibrate(base_model, adapters, parse_data_specs(data), output, source=source,  # type: ignore[arg-type]
                          max_length=max_length, batch_size=batch_size, fisher=fisher, limit=limit, force=force,
+                         fisher_labels=fisher_labels,  # type: ignore[arg-type]
                          show_progress=not State.quiet)
     except LoramergeError as exc:
         fail(exc)

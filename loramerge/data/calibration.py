@@ -5,8 +5,9 @@ what the data-informed methods need (methods-data.md):
   read the same tensor (q/k/v read the attention input, gate/up the MLP input) share one Gram, computed once and
   stored once under the first module's name (``inputs`` in the manifest maps every module to its key);
 - token counts, and with ``fisher=True`` the output factor of a Kronecker-factored diagonal Fisher,
-  ``E[g^2]`` over the module's outputs (``g = dL/dy`` per token for the LM loss on the text itself, i.e. the
-  empirical Fisher); the input factor ``E[x^2]`` is the Gram's diagonal. ``F ~ E[g^2] E[x^2]^T`` assumes
+  ``E[g^2]`` over the module's outputs (``g = dL/dy`` per token for the LM loss on next tokens sampled from the
+  model's own predictions, the paper's Fisher; ``fisher_labels="text"``: the text's own tokens, the empirical
+  Fisher); the input factor ``E[x^2]`` is the Gram's diagonal. ``F ~ E[g^2] E[x^2]^T`` assumes
   gradients and inputs independent across a token's coordinates: an approximation, said in the manifest.
 
 Statistics come from each adapter's own fine-tuned model (``source="adapter"``: the LoRA delta is added by
@@ -41,8 +42,14 @@ log = logging.getLogger("loramerge.data.calibration")
 Source = Literal["adapter", "base"]
 MANIFEST = "calibration.json"
 FORMAT = "loramerge-calibration/1"
-FISHER_NOTE = ("Kronecker-factored empirical diagonal Fisher: F[i, j] ~ E[g_i^2] * E[x_j^2] with g = dLoss/dy per "
-               "token (LM loss on the text itself) and E[x^2] the Gram's diagonal")
+FisherLabels = Literal["sampled", "text"]
+FISHER_NOTE = {
+    "sampled": "Kronecker-factored diagonal Fisher: F[i, j] ~ E[g_i^2] * E[x_j^2], g = dLoss/dy per token for the "
+               "LM loss on next tokens sampled from the model's own predictions (the Fisher of Matena & Raffel; "
+               "seeded), E[x^2] the Gram's diagonal",
+    "text": "Kronecker-factored empirical diagonal Fisher: F[i, j] ~ E[g_i^2] * E[x_j^2], g = dLoss/dy per token "
+            "for the LM loss on the text's own next tokens, E[x^2] the Gram's diagonal",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -223,8 +230,10 @@ def _runner(model: nn.Module, modules: Sequence[str], fisher: bool) -> nn.Module
 
 def collect(model: nn.Module, tokens: TokenizedTexts, modules: Sequence[str], *, fisher: bool = False,
             deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None, batch_size: int = 8,
-            pad_id: int = 0, description: str = "calibrating", show_progress: bool = True) -> _Accumulator:
+            pad_id: int = 0, description: str = "calibrating", show_progress: bool = True,
+            fisher_labels: FisherLabels = "sampled", seed: int = 0) -> _Accumulator:
     """Run the texts through ``model`` (with ``deltas`` added) and accumulate the statistics of ``modules``."""
+    generator = torch.Generator().manual_seed(seed)
     acc = _Accumulator(modules=list(modules), fisher=fisher)
     runner = _runner(model, modules, fisher)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -241,7 +250,11 @@ def collect(model: nn.Module, tokens: TokenizedTexts, modules: Sequence[str], *,
                     continue
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
-                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                targets = ids[:, 1:]
+                if fisher_labels == "sampled":  # the model's own predictive distribution, not the text
+                    probs = logits[:, :-1].detach().float().softmax(-1).reshape(-1, logits.shape[-1])
+                    targets = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
+                targets = targets.masked_fill(mask[:, 1:] == 0, -100)
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                          targets.reshape(-1), ignore_index=-100, reduction="sum")
                 loss.backward()
@@ -283,6 +296,7 @@ def calibrate(
     max_length: int | None = None,
     batch_size: int = 8,
     fisher: bool = False,
+    fisher_labels: FisherLabels = "sampled",
     limit: int | None = None,
     force: bool = False,
     show_progress: bool = True,
@@ -294,6 +308,8 @@ def calibrate(
     """
     from loramerge.io.writer import atomic_directory, check_output_path
 
+    if fisher_labels not in FISHER_NOTE:
+        raise DataError(f"unknown Fisher labels '{fisher_labels}'", fix="use 'sampled' (the paper) or 'text'")
     if source not in ("adapter", "base"):
         raise DataError(f"unknown statistics source '{source}'", fix="use 'adapter' (the default) or 'base'")
     out = check_output_path(Path(output), force=force)
@@ -316,7 +332,8 @@ def calibrate(
         for i, adapter in enumerate(loaded):
             record, inputs = _calibrate_one(model, tokenizer, adapter, examples[adapter.name], modules, tmp,
                                             f"stats-{i:03d}.safetensors", source=source, length=length,
-                                            fisher=fisher, batch_size=batch_size, show_progress=show_progress)
+                                            fisher=fisher, batch_size=batch_size, show_progress=show_progress,
+                                            fisher_labels=fisher_labels)
             records.append(record)
         manifest = {
             "format": FORMAT, "loramerge_version": __version__,
@@ -325,7 +342,7 @@ def calibrate(
                            "fingerprint": model_fingerprint(model, modules)},
             "tokenizer": {"name_or_path": getattr(tokenizer, "name_or_path", None),
                           "fingerprint": tokenizer_fingerprint(tokenizer)},
-            "max_length": length, "source": source, "fisher": FISHER_NOTE if fisher else None,
+            "max_length": length, "source": source, "fisher": FISHER_NOTE[fisher_labels] if fisher else None,
             "batch_size": batch_size, "data_sha256": fingerprint(examples), "adapters": records, "inputs": inputs,
             "truncated": sum(r["truncated"] for r in records), "seconds": round(time.perf_counter() - started, 2),
         }
@@ -335,7 +352,8 @@ def calibrate(
 
 def _calibrate_one(model: nn.Module, tokenizer: Any, adapter: LoraAdapter, examples: Sequence[Any],
                    modules: Sequence[str], directory: Path, file: str, *, source: Source, length: int, fisher: bool,
-                   batch_size: int, show_progress: bool) -> tuple[dict, dict[str, str]]:
+                   batch_size: int, show_progress: bool, fisher_labels: FisherLabels = "sampled"
+                   ) -> tuple[dict, dict[str, str]]:
     """One adapter's pass; its tensors go straight to ``directory / file`` (one adapter in memory at a time)."""
     from safetensors.torch import save_file
 
@@ -352,7 +370,7 @@ def _calibrate_one(model: nn.Module, tokenizer: Any, adapter: LoraAdapter, examp
                 deltas[m] = (f.A, f.B)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     acc = collect(model, tokens, modules, fisher=fisher, deltas=deltas, batch_size=batch_size, pad_id=pad_id,
-                  description=f"calibrating {adapter.name}", show_progress=show_progress)
+                  description=f"calibrating {adapter.name}", show_progress=show_progress, fisher_labels=fisher_labels)
     if acc.tokens == 0:
         raise DataError(f"the texts of '{adapter.name}' hold no tokens", fix="give non-empty texts")
     tensors = {f"gram:{k}": (v / acc.tokens).float() for k, v in acc.grams.items()}

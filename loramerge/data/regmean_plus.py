@@ -26,7 +26,7 @@ from loramerge.core.progress import progress_bar
 from loramerge.data.calibration import _Accumulator, _batches, _delta_hook, context_length, tokenize
 from loramerge.errors import DataError
 from loramerge.merging.methods.base import Factored, ModuleInputs
-from loramerge.merging.methods.data import layer_index
+from loramerge.merging.methods.lines import layer_index
 
 log = logging.getLogger("loramerge.data.regmean_plus")
 

@@ -1,6 +1,6 @@
 """Validation and test data for the demo's four toy tasks, and scores of merged adapters on them.
 
-``python -m loramerge.demo.data demo_out`` writes ``demo_out/data/val.jsonl`` and ``demo_out/data/test.jsonl``:
+``python -m loramerge.demo.data demo_out`` writes ``demo_out/val.jsonl`` and ``demo_out/test.jsonl``:
 multiple-choice lines ``{"task", "prompt", "options", "label"}`` asking which word continues a window of
 the task's word cycle (the right one and three words of other tasks), from disjoint seeds (the demo's own
 held-out loss uses seed 99; validation uses 7, test 11). ``--score DIR ...`` prints each adapter's mean
@@ -42,11 +42,10 @@ def choice_rows(task: str, n: int, seed: int, window: int = 6) -> list[dict]:
 
 
 def write_demo_data(workdir: str | Path, n: int = 40) -> dict[str, Path]:
-    """``data/val.jsonl`` and ``data/test.jsonl`` in ``workdir`` (n examples per task each)."""
+    """``val.jsonl`` and ``test.jsonl`` in ``workdir`` (n examples per task each)."""
     out = {}
-    (Path(workdir) / "data").mkdir(parents=True, exist_ok=True)
     for split, seed in SPLIT_SEEDS.items():
-        path = Path(workdir) / "data" / f"{split}.jsonl"
+        path = Path(workdir) / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for t in TASKS for r in choice_rows(t, n, seed)))
         out[split] = path
     return out
@@ -88,14 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", type=Path, help="the demo's work directory (loramerge demo -w DIR)")
     parser.add_argument("--score", nargs="*", type=Path, default=None,
-                        help="merged adapter directories to score on data/test.jsonl")
+                        help="merged adapter directories to score on test.jsonl")
     args = parser.parse_args(argv)
     if args.score is None:
         for split, path in write_demo_data(args.workdir).items():
             print(f"{split}: {path}")
         return
     adapters = {t: args.workdir / "adapters" / t for t in TASKS}
-    scores = normalized_scores(args.workdir / "base", adapters, args.score, args.workdir / "data" / "test.jsonl")
+    scores = normalized_scores(args.workdir / "base", adapters, args.score, args.workdir / "test.jsonl")
     for cand, row in scores.items():
         cells = "  ".join(f"{t} {row[t]:.3f}" for t in TASKS)
         print(f"{cand}: mean normalized test accuracy {row['mean']:.3f}  ({cells})")

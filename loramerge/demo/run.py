@@ -73,17 +73,6 @@ def train_adapter(base_dir: Path, task: str, out_dir: Path, *, steps: int = 60, 
     return out_dir
 
 
-def write_task_texts(path: Path, n: int = 32) -> Path:
-    """A little unlabeled data per task ({"task", "text"} JSONL, unseen in training and evaluation): what
-    `loramerge calibrate`, `route train` and `tune` read (README: merging with a little data)."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"task": task, "text": text}) + "\n"
-                            for task in TASKS for text in task_sequences(task, n, seed=7)))
-    return path
-
-
 DEMO_MERGES: list[tuple[str, dict]] = [
     ("task_arithmetic", {"rank": "exact"}),
     ("average", {"rank": "exact"}),
@@ -120,8 +109,7 @@ def run_demo(
                 train_adapter(base_dir, task, path, seed=i)
             adapters[task] = path
     write_task_data(workdir)
-    write_task_texts(workdir / "data" / "texts.jsonl")
-    console.print(f"base model, adapters and task texts (train.jsonl, test.jsonl, data/texts.jsonl) in {workdir}/ "
+    console.print(f"base model, adapters and task texts (train.jsonl, test.jsonl) in {workdir}/ "
                   "(tiny Llama, 4 LoRA adapters of rank 8 on 7 projections)")
 
     evaluator = LossEvaluator(base_dir, {task: task_sequences(task, 32, seed=99) for task in TASKS})

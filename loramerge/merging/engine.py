@@ -51,13 +51,17 @@ class MergePlan:
     seed: int = 0
     space: str = "dense"
     """``dense`` (the delta's own coordinates) or ``core`` (the shared-basis core matrices, arXiv 2509.17786)."""
+    context: Any = None
+    """Given to every module as ``ModuleInputs.context`` instead of a ``prepare`` pass: the calibration
+    statistics of a data-informed method (issue 11; ``run_merge`` builds them from the recipe)."""
     post: Any = None
-    """A post-step on every merged delta (the recipe's ``post:``, e.g. ``lines``: LiNeS), or None."""
+    """A step applied to every merged delta before the rank policy, ``(module, result) -> result``: the
+    recipe's ``post: lines`` (LiNeS, issue 11)."""
 
     @classmethod
     def build(cls, method: str, weights: Sequence[float], *, parameters: dict | None = None,
               rank: RankPolicy | str | int | dict = "auto", factorwise: bool = False, seed: int = 0,
-              space: str = "dense", post: Any = None) -> MergePlan:
+              space: str = "dense") -> MergePlan:
         """Resolve ``method`` in the registry, validate its parameters and the rank policy."""
         entry = get_method(method)
         try:
@@ -78,13 +82,13 @@ class MergePlan:
                                   f"it cannot use rank {policy.describe()}",
                                   fix="drop the rank key, or use task_arithmetic with a rank policy")
         return cls(method=entry, config=config, weights=tuple(float(w) for w in weights), policy=policy,
-                   factorwise=factorwise, seed=seed, space=space, post=post)
+                   factorwise=factorwise, seed=seed, space=space)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> MergePlan:
         return cls.build(recipe.method, [e.weight for e in recipe.adapters], parameters=recipe.parameters,
                          rank=recipe.rank, factorwise=recipe.factorwise, seed=recipe.seed,
-                         space=recipe.space, post=recipe.post)
+                         space=recipe.space)
 
 
 @dataclass(frozen=True)
@@ -162,16 +166,14 @@ def merge_modules(
     method = plan.method
     fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
-    from loramerge.merging.methods.data import build_post
-
-    post = build_post(plan.post, names)  # issue 11: `post: lines` (LiNeS) scales every merged delta
+    context = context if context is not None else plan.context
     if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
     for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):
         inputs = module_inputs(adapters, plan, name, device=device, context=context)
         try:
             result = fn(plan.config, inputs)
-            result = post(name, result) if post is not None else result
+            result = plan.post(name, result) if plan.post is not None else result
         except ValueError as exc:
             raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
                               fix="change the adapters' weights or the method's parameters "
@@ -255,13 +257,8 @@ def run_merge(
                                    allow_pickle=recipe.allow_pickle, base_model=recipe.base_model)
     elif not isinstance(adapters, AdapterSet):
         adapters = AdapterSet.of(adapters, names=names, base_model=recipe.base_model)
-    context = None
-    if plan.method.needs_calibration:  # issue 11: calibration statistics (checked against these adapters)
-        from loramerge.data.statistics import statistics_for
-
-        context = statistics_for(recipe, list(adapters), need=plan.method.data, show_progress=show_progress,
-                                 config=plan.config)
-    merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress, context=context))
+    plan = _with_data(plan, recipe, adapters, show_progress)
+    merged = list(merge_modules(adapters, plan, device=device, show_progress=show_progress))
     out_modules = [m.module for m in merged]
     from loramerge.core.dtypes import to_torch
 
@@ -271,6 +268,25 @@ def run_merge(
         config=adapters.lora_config(out_modules, base_model=recipe.base_model), dtype=dtype,
         seconds=time.perf_counter() - started, adapters=list(adapters), adapter_set=adapters,
     )
+
+
+def _with_data(plan: MergePlan, recipe: Recipe, adapters: AdapterSet, show_progress: bool) -> MergePlan:
+    """Issue 11: the calibration statistics of a data-informed method (checked against these adapters, refused
+    when stale) and the recipe's post-step, attached to the plan."""
+    from dataclasses import replace
+
+    from loramerge.merging.recipe import NEEDS_STATISTICS
+
+    if plan.method.data in NEEDS_STATISTICS:
+        from loramerge.data.statistics import statistics_for
+
+        plan = replace(plan, context=statistics_for(recipe, list(adapters), need=plan.method.data,
+                                                    show_progress=show_progress, config=plan.config))
+    if recipe.post is not None:
+        from loramerge.merging.methods.lines import build_post
+
+        plan = replace(plan, post=build_post(recipe.post, list(adapters.module_names)))
+    return plan
 
 
 def _as_recipe(

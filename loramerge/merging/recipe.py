@@ -25,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loramerge.core.rank import RankPolicy
 from loramerge.errors import RecipeError
 
+NEEDS_STATISTICS = ("gram", "fisher", "model")
+"""``MergeMethod.data`` values whose statistics the engine builds from ``calibration:`` / ``data:`` (issue 11)."""
+
 DTypeName = Literal["auto", "float32", "float16", "bfloat16"]
 
 
@@ -105,7 +108,7 @@ class Recipe(BaseModel):
             raise RecipeError(_explain(exc, f"parameters of method '{method.name}'",
                                        list(method.config_cls.model_fields) + _aliases(method.config_cls)),
                               fix="`loramerge methods` lists each method's parameters and defaults") from exc
-        if method.needs_calibration and self.calibration is None and self.data is None:
+        if method.data in NEEDS_STATISTICS and self.calibration is None and self.data is None:
             raise RecipeError(f"method '{method.name}' learns from data ({method.data} statistics), and the recipe "
                               "gives none", fix="add `calibration: DIR` (from `loramerge calibrate`) or "
                               "`data: {adapter_name: texts.jsonl}` with `base_model: DIR`")
@@ -113,7 +116,7 @@ class Recipe(BaseModel):
             raise RecipeError(f"method '{method.name}' runs the partially merged model: it needs `data:` and "
                               "`base_model:`", fix="add `data: {adapter_name: texts.jsonl}` and `base_model: DIR`")
         if self.post is not None:
-            from loramerge.merging.methods.data import build_post
+            from loramerge.merging.methods.lines import build_post
 
             try:
                 build_post(self.post, [])

@@ -15,7 +15,8 @@ from loramerge.data.calibration import calibrate
 from loramerge.data.statistics import CalibrationStats
 from loramerge.demo.toy import WORDS, make_tokenizer
 from loramerge.merging.engine import merge
-from loramerge.merging.methods.data import LinesConfig, lines_factor, scaled_gram
+from loramerge.merging.methods.data import scaled_gram
+from loramerge.merging.methods.lines import LinesConfig, lines_factor
 
 
 def texts(seed: int, n: int = 6) -> list[str]:
@@ -117,6 +118,16 @@ def test_fisher_equals_the_dense_weighted_average(setup):
             den = den + weights[name] * F
         want = num / den  # rank "exact" stores the dense result losslessly
         torch.testing.assert_close(factors.delta().double(), want, rtol=1e-4, atol=1e-7)
+        if module.endswith("layers.1.self_attn.q_proj"):  # normalize: each adapter's Fisher over its mean
+            normed = merge(adapters=[{"path": str(p), "name": n} for n, p in adapters.items()], method="fisher",
+                           parameters={"floor": 0.0, "normalize": True}, calibration=str(out), rank="exact").factors()
+            num = den = 0
+            for name in names:
+                u, v = stats.fisher(name, module)
+                F = torch.outer(u / u.mean(), v / v.mean())
+                delta = dense_delta(adapters[name], module)
+                num, den = num + F * (delta if delta is not None else 0), den + F
+            torch.testing.assert_close(normed[module].delta().double(), num / den, rtol=1e-4, atol=1e-7)
         assert torch.linalg.matrix_rank(want) > max(load_adapter(p).modules[module].rank for p in adapters.values()
                                                     if module in load_adapter(p).modules)  # it densified
 
@@ -129,8 +140,8 @@ def test_lines_layer_factors_and_post_step_compose(three_adapters):
     assert lines_factor(cfg, "lm_head", 4) == pytest.approx(0.8)
     adapters = [str(p) for p in three_adapters]
     for method, params in (("ties", {"density": 0.5}), ("task_arithmetic", {}), ("tsv", {})):
-        plain = merge(adapters=adapters, method=method, parameters=params, rank="max").factors()
-        scaled = merge(adapters=adapters, method=method, parameters=params, rank="max",
+        plain = merge(adapters=adapters, method=method, parameters=params, rank="exact").factors()
+        scaled = merge(adapters=adapters, method=method, parameters=params, rank="exact",
                        post={"lines": {"alpha": 0.2, "beta": 0.6}}).factors()
         for module, f in plain.items():  # tiny Llama: 2 layers
             factor = 0.2 + 0.6 * int(module.split(".")[2])

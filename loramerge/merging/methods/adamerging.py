@@ -18,7 +18,7 @@ from pydantic import Field
 
 from loramerge.core.factored import concat_factors
 from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
-from loramerge.merging.methods.data import layer_index
+from loramerge.merging.methods.lines import layer_index
 
 Granularity = Literal["task", "layer", "module"]
 

@@ -136,6 +136,7 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         url="https://arxiv.org/abs/2310.02575",
         summary="task- and layer-wise coefficients learned by entropy minimisation on unlabeled prompts; exact",
     ),
+    # Issue 11: data-informed merges (statistics from `loramerge calibrate` or the recipe's `data:`) and LiNeS.
     _builtin(
         "data", "regmean", "RegMeanConfig",
         name="regmean", kind="factored", exact=True, data="gram",
@@ -159,9 +160,10 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         summary="element-wise Fisher-weighted average (Kronecker-factored diagonal Fisher); rank policy",
     ),
     _builtin(
-        "data", "lines", "LinesConfig", prepare="_lines_prepare",
+        "lines", "lines", "LinesConfig", prepare="lines_prepare",
         name="lines", kind="factored", exact=True,
-        paper="LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging (Wang et al., ICLR 2025)",
+        paper="LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging "
+              "(Wang et al., ICLR 2025)",
         url="https://arxiv.org/abs/2410.17146",
         summary="task arithmetic with the delta scaled linearly with depth; also `post: lines` after any method",
     ),

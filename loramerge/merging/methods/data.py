@@ -1,4 +1,5 @@
-"""Data-informed merges (methods-data.md): RegMean and Fisher merging from calibration statistics, and LiNeS.
+"""Data-informed merges (docs: merging with a little data): RegMean, RegMean++ and Fisher merging from
+calibration statistics (LiNeS, data-free, is in lines.py).
 
 Each function reads the statistics from ``inputs.context`` (a ``loramerge.data.statistics.MergeStatistics``
 that the engine builds from the recipe's ``calibration:`` / ``data:``). Adapters that lack a module still count
@@ -9,15 +10,11 @@ full-weight formulas.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from pydantic import Field
 
-from loramerge.errors import RecipeError
-from loramerge.merging.methods.base import Dense, Factored, MethodConfig, MethodResult, ModuleInputs
+from loramerge.merging.methods.base import Dense, Factored, MethodConfig, ModuleInputs
 
 log = logging.getLogger("loramerge.merging.methods.data")
 
@@ -107,6 +104,8 @@ def regmean_plus(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
 class FisherConfig(MethodConfig):
     floor: float = Field(1e-6, ge=0.0, description="added to every Fisher value, relative to their mean "
                                                    "(keeps the division defined where all Fishers vanish)")
+    normalize: bool = Field(False, description="divide each adapter's Fisher by its mean over the module, so a "
+                                               "confident (low-loss) model is not silenced; not in the paper")
 
 
 def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
@@ -116,6 +115,8 @@ def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
     stats = _stats(inputs, "fisher")
     present = dict(zip(inputs.adapter_names, zip(inputs.factors, inputs.weights)))
     factors = {n: stats.fisher(n, inputs.name) for n in stats.names}
+    if cfg.normalize:  # mean of outer(u, v) is mean(u) * mean(v)
+        factors = {n: (u / u.mean().clamp_min(1e-30), v / v.mean().clamp_min(1e-30)) for n, (u, v) in factors.items()}
     weights = {n: (present[n][1] if n in present else stats.weights.get(n, 1.0)) for n in stats.names}
     mean = sum(float(u.mean() * v.mean()) for u, v in factors.values()) / len(factors)
     eps = cfg.floor * max(mean, 1e-30)
@@ -132,81 +133,4 @@ def fisher(cfg: FisherConfig, inputs: ModuleInputs) -> Dense:
     return Dense(delta=(num / den).to(inputs.factors[0].A.dtype))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# LiNeS
-# ---------------------------------------------------------------------------------------------------------------------
-
-_LAYER = re.compile(r"\.(\d+)\.")
-
-
-def layer_index(module: str) -> int | None:
-    """The block index in a module name (``model.layers.7.mlp.up_proj`` -> 7), None outside the blocks."""
-    match = _LAYER.search(module)
-    return int(match.group(1)) if match else None
-
-
-class LinesConfig(MethodConfig):
-    alpha: float = Field(0.5, description="scale of the first layer's delta")
-    beta: float = Field(0.5, description="added to the scale linearly with depth: the last layer gets alpha + beta")
-    num_layers: int | None = Field(None, ge=1, description="layers in the model (default: the deepest index + 1)")
-
-
-def lines_factor(cfg: LinesConfig, module: str, num_layers: int) -> float:
-    """LiNeS: ``alpha + beta (l - 1) / (L - 1)`` for block l = 1..L; embeddings count as the first layer,
-    other modules outside the blocks (the LM head) as the last."""
-    index = layer_index(module)
-    if index is None:
-        index = 0 if "embed" in module else num_layers - 1
-    return cfg.alpha + cfg.beta * (index / (num_layers - 1) if num_layers > 1 else 1.0)
-
-
-def num_layers_of(modules: Sequence[str]) -> int:
-    indices = [i for i in map(layer_index, modules) if i is not None]
-    return max(indices) + 1 if indices else 1
-
-
-def scale_result(result: MethodResult, factor: float) -> MethodResult:
-    """Scale a merged delta exactly (B for a factored one)."""
-    if isinstance(result, Factored):
-        return Factored(B=result.B * factor, A=result.A)
-    return Dense(delta=result.delta * factor)
-
-
-def _lines_prepare(cfg: LinesConfig, modules: Callable[[], Iterator[ModuleInputs]]) -> int:
-    return cfg.num_layers or num_layers_of([m.name for m in modules()])
-
-
-def lines(cfg: LinesConfig, inputs: ModuleInputs) -> Factored:
-    """Task arithmetic (the weighted sum) scaled per layer by LiNeS: exact, factored."""
-    from loramerge.core.factored import concat_factors
-
-    B, A = concat_factors(inputs.factors, list(inputs.weights))
-    num_layers = inputs.context or cfg.num_layers or num_layers_of([inputs.name])
-    return Factored(B=B * lines_factor(cfg, inputs.name, num_layers), A=A)
-
-
-@dataclass(frozen=True)
-class PostStep:
-    """A step applied to every module's merged delta (the recipe's ``post:``), e.g. LiNeS."""
-
-    name: str
-    cfg: LinesConfig
-    num_layers: int
-
-    def __call__(self, module: str, result: MethodResult) -> MethodResult:
-        return scale_result(result, lines_factor(self.cfg, module, self.num_layers))
-
-
-def build_post(spec: str | dict | None, modules: Sequence[str]) -> PostStep | None:
-    """``post: lines`` or ``post: {lines: {alpha: .., beta: ..}}`` -> a PostStep (None when absent)."""
-    if spec is None:
-        return None
-    name, params = (spec, {}) if isinstance(spec, str) else next(iter(spec.items())) if len(spec) == 1 else ("", {})
-    if name != "lines":
-        raise RecipeError(f"unknown post-step {spec!r}", fix="use `post: lines` or `post: {lines: {alpha: 0.5, beta: 0.5}}`")
-    cfg = LinesConfig(**(params or {}))
-    return PostStep("lines", cfg, cfg.num_layers or num_layers_of(modules))
-
-
-__all__ = ["PostStep", "build_post", "cholesky_with_ridge", "layer_index",
-           "lines_factor", "scaled_gram"]
+__all__ = ["FisherConfig", "RegMeanConfig", "cholesky_with_ridge", "fisher", "regmean", "regmean_plus", "scaled_gram"]
