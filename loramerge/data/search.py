@@ -91,7 +91,7 @@ def default_preparers(methods: Sequence[str]) -> dict[str, Preparer]:
     out = {}
     for name in methods:
         method = get_method(name)
-        if method.needs_calibration:
+        if method.data in ("gram", "fisher"):  # RegMean++ ("model") recomputes per merge: not searched here
             out[method.name] = calibration_preparer(method.data)
     return out
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from loramerge.core.adapter import LoraFactors
 
 MethodKind = Literal["factored", "elementwise"]
-CALIBRATION_KINDS = ("gram", "fisher")
+CALIBRATION_KINDS = ("gram", "fisher", "model")
 
 
 class MethodConfig(BaseModel):
@@ -130,7 +130,7 @@ class MergeMethod:
     fixed_rank: RankPolicy | None = None
     data: str = "none"
     """What the method learns from: "none", calibration statistics ("gram", "fisher": the recipe's
-    ``calibration:`` / ``data:``), or "prompts" (coefficients learned beforehand, e.g. by ``loramerge
+    ``calibration:`` / ``data:``; "model": computed from ``data:`` on the partially merged model), or "prompts" (coefficients learned beforehand, e.g. by ``loramerge
     adamerging``, and given as parameters)."""
     aliases: tuple[str, ...] = ()
 
