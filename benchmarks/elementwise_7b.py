@@ -52,15 +52,15 @@ METHODS = {
 }
 
 
-def write_adapters(root: Path, layers: int, n: int) -> list[str]:
+def write_adapters(root: Path, layers: int, n: int, targets: tuple[str, ...] = PROJECTIONS) -> list[str]:
     import math
 
     from peft import LoraConfig, get_peft_model
 
     dirs = []
     for i in range(n):
-        model = build_stub(LLAMA2_7B, layers, PROJECTIONS)
-        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=list(PROJECTIONS)))
+        model = build_stub(LLAMA2_7B, layers, targets)
+        peft_model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32, target_modules=list(targets)))
         gen = torch.Generator().manual_seed(1000 * i + 7)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -210,5 +210,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+
+
+def per_module(methods: list[str], spaces: list[str]) -> None:
+    """In-memory factors (the same distributions), one q_proj-shaped (4096 x 4096) and one up_proj-shaped
+    (11008 x 4096) module per case, 1 thread; process CPU seconds (robust to other load on a shared machine),
+    peak extra RSS; the full set is 32 x (4 x q + 3 x up)."""
+    import math
+
+    from loramerge.core.adapter import LoraFactors
+    from loramerge.core.factored import RankPolicy, compress_dense, compress_factored
+    from loramerge.merging.methods import Dense, ModuleInputs, get_method
+    from loramerge.merging.methods.core_space import method_function
+
+    torch.set_num_threads(1)
+    weights = tuple(adapter_weights(N))
+    print("| method | space | q_proj CPU s | up_proj CPU s | full set CPU s (1 core) | full set, 1 core | "
+          "peak extra RSS MiB | trunc. err (up_proj) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for method in methods:
+        for space in spaces:
+            if space == "core" and method == "della":
+                continue
+            spec = get_method(method)
+            cfg = spec.make_config(METHODS.get(method, {}))
+            fn = method_function(spec, space)
+            times, peak, err = [], 0.0, float("nan")
+            for d_out, d_in in ((4096, 4096), (11008, 4096)):
+                gen = torch.Generator().manual_seed(d_out)
+                factors = tuple(LoraFactors(A=torch.randn(RANK, d_in, generator=gen) / math.sqrt(d_in),
+                                            B=torch.randn(d_out, RANK, generator=gen) * 0.02) for _ in range(N))
+                inputs = ModuleInputs(name="layers.0.mlp.up_proj", factors=factors, weights=weights,
+                                      adapter_names=tuple(f"a{i}" for i in range(N)))
+                Path("/proc/self/clear_refs").write_text("5")
+                before = _kib("VmRSS")
+                cpu = time.process_time()
+                result = fn(cfg, inputs)
+                if isinstance(result, Dense):
+                    out = compress_dense(result.delta, RankPolicy("auto"), inputs.ranks, basis=result.basis)
+                else:
+                    out = compress_factored(result.B, result.A, RankPolicy("auto"), inputs.ranks)
+                times.append(time.process_time() - cpu)
+                peak = max(peak, (_kib("VmHWM") - before) / 1024)
+                err = out.rel_error
+                del result, out, factors, inputs
+            full = FULL_LAYERS * (4 * times[0] + 3 * times[1])
+            print(f"| {method} | {space} | {times[0]:.2f} | {times[1]:.2f} | {full:.0f} | {full / 60:.1f} min | "
+                  f"{peak:.0f} | {err:.2f} |", flush=True)
+
+
+def peft_sample(targets: tuple[str, ...] = ("q_proj",)) -> None:
+    """PEFT's ties_svd on one layer's ``targets`` (adapters written by PEFT for those modules only)."""
+    with tempfile.TemporaryDirectory(prefix="ew7b-peft-") as tmp:
+        dirs = write_adapters(Path(tmp), 1, N, targets)
+        r = peft_ties_svd(dirs, targets, 1)
+    full = r["cpu"] * entries(PROJECTIONS) * FULL_LAYERS / entries(targets)
+    print(json.dumps({**r, "targets": targets, "full_set_cpu_s_by_entries": full}), flush=True)
+
+
+if __name__ == "__main__" and "--peft-sample" in sys.argv:
+    peft_sample()
+elif __name__ == "__main__" and "--per-module" in sys.argv:
+    chosen = sys.argv[sys.argv.index("--per-module") + 1:]  # optional method names
+    per_module(chosen or ["task_arithmetic", *METHODS], ["dense", "core"])
+elif __name__ == "__main__":
     raise SystemExit(main())

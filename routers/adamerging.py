@@ -263,7 +263,7 @@ def tune_preparer(**options: Any):
                                     seed=ctx.seed, show_progress=ctx.show_progress, **options)
         log.info("adamerging: held-out objective %.4f -> %.4f in %.1fs", result.initial_heldout,
                  result.best_heldout, result.seconds)
-        return result.parameters()
+        return {"parameters": result.parameters()}
 
     prepare.key = json.dumps(options, sort_keys=True, default=str)  # type: ignore[attr-defined]
     return prepare

@@ -2,7 +2,7 @@
 
 Per target module ``y = W0 x + B_cat (c * (A_cat x))`` where ``A_cat = [A_1; ...; A_N]`` and
 ``B_cat = [B_1 | ... | B_N]`` hold every adapter's factors (scale folded into B by the loader) and
-``c`` is a gate on the rank dimension (methods-lora.md section 0.1). A static merge is a constant
+``c`` is a gate on the rank dimension (docs/ARCHITECTURE.md, "The one runtime primitive"). A static merge is a constant
 ``c``; a per-request router sets ``c`` once per sample; a per-token router computes it per token.
 
 ``attach_gated_lora(model, adapters)`` swaps the model's target ``nn.Linear`` (and GPT-2 ``Conv1D``,

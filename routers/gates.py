@@ -1,4 +1,4 @@
-"""Per-layer gate modules for per-token routing on the gated concatenated LoRA (methods-lora.md sections 7, 9b).
+"""Per-layer gate modules for per-token routing on the gated concatenated LoRA (docs/ARCHITECTURE.md, "The one runtime primitive").
 
 - ``SoftmaxGate`` (X-LoRA style): a learned linear gate per layer on the layer's input, softmax with a
   temperature and optional top-k, over the adapters; ``source="z"`` reads the rank space (CoMoL's router).

@@ -1,4 +1,4 @@
-"""Per-token mixtures of LoRA experts as a router artifact: ``GateRouter`` (methods-lora.md sections 7, 8, 9b).
+"""Per-token mixtures of LoRA experts as a router artifact: ``GateRouter`` (docs/ARCHITECTURE.md, "The one runtime primitive").
 
 A set of per-layer gates (``gates.py``: X-LoRA-style softmax, FlyLoRA top-k; on gated or core-space
 layers, ``core_space.py``) trained by ``gate_training.train_gates``, saved with the adapter names it routes.

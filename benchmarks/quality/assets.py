@@ -31,6 +31,7 @@ def plain_model_dir(cache: Path = CACHE) -> Path:
     """A plain safetensors LlamaForCausalLM copy of the GGUF model (dequantised to fp32), made once."""
     out = cache / "smollm2-135m-instruct"
     if (out / "model.safetensors").exists():
+        _drop_quantization_config(out / "config.json")
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -39,7 +40,10 @@ def plain_model_dir(cache: Path = CACHE) -> Path:
     gguf_model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     # save_pretrained refuses a GGUF-loaded model: copy its weights into a fresh model of the same config.
-    plain = LlamaForCausalLM(gguf_model.config)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now; other loaders must not see GGUF
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise SystemExit(f"GGUF state dict does not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
@@ -50,6 +54,14 @@ def plain_model_dir(cache: Path = CACHE) -> Path:
     tmp.rename(out)
     print(f"[assets] dequantised {src.name} to {out} in {time.perf_counter() - started:.1f}s", flush=True)
     return out
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """Older caches kept the GGUF ``quantization_config`` in config.json: other loaders (``loramerge tune``)
+    then refuse the plain fp32 weights as a quantized model."""
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2))
 
 
 def load_model_and_tokenizer(cache: Path = CACHE):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -88,17 +87,17 @@ class LossEvaluator:
 
 
 def load_task_texts(path: str | Path) -> dict[str, list[str]]:
-    """A JSONL file of {"text": ..., "task": ...} lines, grouped by task."""
+    """Texts per task for the LM-loss evaluation, through the one data reader (loramerge.data.examples).
+
+    ``{"task", "text"}`` lines give their text; multiple-choice lines give the prompt followed by the right option
+    (what the task's adapter should continue with).
+    """
+    from loramerge.data.examples import read_records
+
     out: dict[str, list[str]] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out.setdefault(str(row["task"]), []).append(str(row["text"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise RecipeError(f"line {n} is not a JSON object with 'text' and 'task'", path=str(path),
-                              fix='write one {"text": ..., "task": ...} object per line') from exc
+    for example in read_records(path):
+        text = example.full_text if example.kind == "text" else example.prompt + example.answer
+        out.setdefault(example.task, []).append(text)
     return out
 
 

@@ -39,7 +39,7 @@ LAZY_VERBS: dict[str, LazyVerb] = {
     "adamerging": LazyVerb("loramerge.cli.tune:adamerging_command",
                            "AdaMerging: learn task- and layer-wise coefficients on prompts."),
     "calibrate": LazyVerb("loramerge.cli.data:calibrate_command",
-                          "Calibration statistics (input Grams, Fisher) for regmean / fisher recipes."),
+                          "Calibration statistics (input Grams, Fisher factors) for the data-informed methods."),
 }
 
 
@@ -152,7 +152,7 @@ def merge(
     if verbose or State.verbose:
         console.print(_report_table(result))
     for line in merge_summary(result) if not State.quiet else merge_summary(result)[-1:]:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if report is not None:
         try:
             report.write_text(json.dumps([vars(r) for r in result.reports], indent=2))
@@ -173,6 +173,7 @@ def inspect(
 
     from loramerge.analysis.inspect import pairwise_overlap, summarize
     from loramerge.core.adapter import load_adapter
+    from loramerge.core.names import natural_key
 
     try:
         loaded = [load_adapter(a, allow_pickle=allow_pickle) for a in adapters]
@@ -200,7 +201,7 @@ def inspect(
             mt = Table(title=f"{s.name}: modules")
             for col in ("module", "rank", "scale", "|dW|_F", "eff. rank", "stable rank"):
                 mt.add_column(col)
-            for m in s.modules:
+            for m in sorted(s.modules, key=lambda m: natural_key(m.name)):
                 mt.add_row(m.name, str(m.rank), f"{m.scale:.4g}", f"{m.norm:.4g}", f"{m.effective_rank:.2f}",
                            f"{m.stable_rank:.2f}")
             console.print(mt)

@@ -27,8 +27,9 @@ class LazyVerb:
         if not isinstance(obj, typer.Typer):
             single = typer.Typer(add_completion=False)
             single.command(name)(obj)
-            obj = single
-        command = typer.main.get_command(obj)
+            command = typer.main.get_command(single)
+        else:  # a verb group stays a group even with one sub-verb (`osrm init`): get_command would collapse it
+            command = typer.main.get_group(obj)
         command.name = name
         if isinstance(command, TyperGroup) and not command.help:
             command.help = self.help

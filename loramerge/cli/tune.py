@@ -48,8 +48,10 @@ def tune_command(
     base: str | None = typer.Option(None, help="Base model directory or hub id (default: the adapters' base)."),
     trials: int | None = typer.Option(None, help="Budget: total number of trials (resumed trials count)."),
     minutes: float | None = typer.Option(None, help="Budget: minutes of searching in this run."),
-    methods: str = typer.Option("task_arithmetic,ties,dare_ties,magnitude_prune,tsv,iso_c,adamerging",
-                                help="Comma-separated registry names to search."),
+    methods: str = typer.Option("task_arithmetic,ties,dare_ties,magnitude_prune,tsv,iso_c,lines,regmean,fisher,"
+                                "adamerging", help="Comma-separated registry names to search (regmean and fisher "
+                                "are calibrated once on the validation prompts, adamerging trained once)."),
+    post: bool = typer.Option(False, "--lines/--no-lines", help="Also search LiNeS as a post-step on every method."),
     weights: bool = typer.Option(True, "--weights/--no-weights", help="Also search one weight per adapter."),
     sampler: str = typer.Option("tpe", help="tpe (method choice + conditional parameters), cmaes (continuous "
                                 "parameters only; needs the cmaes package) or random."),
@@ -82,9 +84,13 @@ def tune_command(
         names, paths = parse_adapter_items(adapters)
         check_output(output, force)
         from loramerge.data.examples import parse_data_specs
+        from loramerge.io.writer import check_output_path
+
+        check_output_path(output / "adapter", force=True, inputs=paths)  # overlap and permissions, up front
 
         examples = read_validation(parse_data_specs(data), names)
-        space = SearchSpace(methods=_methods(methods), weights=weights, rank=int(rank) if rank.isdigit() else rank)
+        space = SearchSpace(methods=_methods(methods), weights=weights, rank=int(rank) if rank.isdigit() else rank,
+                            post=post)
         preparers = {}
         if "adamerging" in space.methods:
             from loramerge.routers.adamerging import tune_preparer

@@ -11,9 +11,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from loramerge.core.safetensors_file import TensorFile, TensorLayout, read_header, read_with_safetensors
 from loramerge.errors import AdapterLoadError, NumericalError, UnsupportedAdapterError
 
 ModuleKind = Literal["linear", "embedding"]
@@ -243,7 +242,7 @@ class LoraAdapter:
     allow_pickle: bool = False
     _pickled: dict | None = field(default=None, repr=False)
     _layout: dict[str, TensorLayout] = field(default_factory=dict, repr=False)
-    _file: _TensorFile | None = field(default=None, repr=False)
+    _file: TensorFile | None = field(default=None, repr=False)
 
     @property
     def base_model(self) -> str | None:
@@ -271,9 +270,9 @@ class LoraAdapter:
             return self._pickled[key]
         layout = self._layout.get(key)
         if layout is None:  # built by hand without a layout: fall back to safetensors
-            return _read_with_safetensors(self.weights_path, key)
+            return read_with_safetensors(self.weights_path, key)
         if self._file is None:
-            self._file = _TensorFile(self.weights_path)
+            self._file = TensorFile(self.weights_path)
         try:
             return self._file.read(layout)
         except (OSError, ValueError) as exc:
@@ -309,57 +308,6 @@ def all_finite(x: torch.Tensor) -> bool:
     if math.isfinite(float(x.sum(dtype=torch.float32 if x.dtype != torch.float64 else x.dtype))):
         return True
     return bool(torch.isfinite(x).all())
-
-
-@dataclass(frozen=True)
-class TensorLayout:
-    """Where one tensor's bytes lie in a safetensors file."""
-
-    offset: int
-    nbytes: int
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-class _TensorFile:
-    """A weight file opened once; each read is one positioned read into a fresh buffer (thread-safe)."""
-
-    def __init__(self, path: Path) -> None:
-        self._fh = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for the adapter's life
-        self._lock = threading.Lock()
-
-    def read(self, layout: TensorLayout) -> torch.Tensor:
-        buf = bytearray(layout.nbytes)
-        if hasattr(os, "preadv"):
-            got = os.preadv(self._fh.fileno(), [buf], layout.offset)
-        else:  # pragma: no cover - platforms without preadv
-            with self._lock:
-                self._fh.seek(layout.offset)
-                got = self._fh.readinto(buf)
-        if got != layout.nbytes:
-            raise ValueError(f"short read: {got} of {layout.nbytes} bytes (was the file truncated?)")
-        if layout.nbytes == 0:
-            return torch.empty(layout.shape, dtype=layout.dtype)
-        return torch.frombuffer(buf, dtype=layout.dtype).reshape(layout.shape)
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def __del__(self) -> None:
-        self._fh.close()
-
-
-def _read_with_safetensors(path: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.get_tensor(key)
-    except Exception as exc:
-        raise AdapterLoadError(
-            f"could not read tensor '{key}': {exc}", path=str(path),
-            fix="the weight file is damaged; re-download or re-save the adapter",
-        ) from exc
 
 
 def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, weights_path: Path) -> dict[str, ModuleInfo]:
@@ -435,58 +383,6 @@ def _index_tensors(keys_and_shapes: dict[str, tuple[int, ...]], config: dict, we
     return modules
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-}
-
-
-def _int_list(value: object) -> bool:
-    """A JSON list of non-negative integers (bools are not integers here)."""
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-
-
-def _safetensors_header(path: Path) -> dict[str, TensorLayout]:
-    """Parse the safetensors header ourselves so a corrupt file fails with a clear message."""
-    try:
-        with open(path, "rb") as fh:
-            raw_len = fh.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            n = int.from_bytes(raw_len, "little")
-            size = path.stat().st_size
-            if n <= 0 or n > min(size - 8, 100 * 1024 * 1024):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        data_len = size - 8 - n
-        out = {}
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
-                raise ValueError(f"bad entry for '{key}'")
-            offsets, shape = meta["data_offsets"], meta["shape"]
-            if not (_int_list(offsets) and len(offsets) == 2 and _int_list(shape)):
-                raise ValueError(f"tensor '{key}' has malformed shape {shape!r} or data_offsets {offsets!r}")
-            start, end = offsets
-            if not (0 <= start <= end <= data_len):
-                raise ValueError(f"tensor '{key}' points past the end of the file (truncated?)")
-            dtype = _ST_DTYPES.get(meta["dtype"]) if isinstance(meta["dtype"], str) else None
-            if dtype is None:
-                raise ValueError(f"tensor '{key}' has unsupported dtype {meta['dtype']}")
-            shape = tuple(shape)
-            if math.prod(shape) * torch.empty((), dtype=dtype).element_size() != end - start:
-                raise ValueError(f"tensor '{key}' size does not match its shape {shape}")
-            out[key] = TensorLayout(offset=8 + n + start, nbytes=end - start, shape=shape, dtype=dtype)
-        return out
-    except (OSError, ValueError, TypeError, RecursionError, UnicodeDecodeError) as exc:
-        raise AdapterLoadError(
-            f"corrupt or truncated safetensors file: {str(exc)[:300]}", path=str(path),
-            fix="re-download or re-save the adapter",
-        ) from exc
-
-
 def load_adapter(
     reference: str | Path,
     *,
@@ -503,7 +399,7 @@ def load_adapter(
     pickled = None
     layout: dict[str, TensorLayout] = {}
     if st_path.is_file():
-        layout = _safetensors_header(st_path)
+        layout = read_header(st_path)
         header = {k: (v.shape, v.dtype) for k, v in layout.items()}
         weights_path = st_path
     elif (path / PICKLE_NAME).is_file():

@@ -13,10 +13,9 @@ models continuous parameters only, so Optuna samples the method for it at random
 SQLite file and every score in a content-keyed cache, so an interrupted search resumes where it stopped
 and a configuration already scored is never scored again.
 
-Methods that need more than the adapters (registry field ``data`` other than "none", e.g. AdaMerging's
-learned coefficients) take part through a *preparer*: a function the application passes in
-(``loramerge.cli.tune`` wires ``loramerge.routers.adamerging.tune_preparer``), run once, cached, whose
-result becomes the method's recipe parameters. The core never imports the routers.
+Methods that need more than the adapters (registry field ``data`` other than "none") take part through
+a *preparer* (``loramerge.data.search``), run once and cached, whose result (calibration statistics for
+RegMean and Fisher, AdaMerging's learned coefficients) fills the method's recipe.
 """
 
 from __future__ import annotations
@@ -34,46 +33,20 @@ from typing import Any
 
 from loramerge.data.examples import Examples, fingerprint, read_examples
 from loramerge.data.scoring import ValidationTask, patched
-from loramerge.errors import DataError, NumericalError, OutputError, RecipeError
+from loramerge.data.search import (
+    DEFAULT_METHODS,
+    POST_RANGES,
+    PrepareContext,
+    Preparer,
+    SearchSpace,
+    check_budget,
+    check_space,
+    default_preparers,
+)
+from loramerge.errors import NumericalError, OutputError, RecipeError
 from loramerge.merging.methods import get_method
 
 log = logging.getLogger("loramerge.data.tune")
-
-DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties", "magnitude_prune", "tsv", "iso_c")
-PARAMETER_RANGES: dict[str, tuple[float, float]] = {"lambda": (0.1, 1.5), "density": (0.05, 0.95)}
-"""The searched knobs of any method whose config has them (by alias or name); others keep their defaults."""
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    weights: bool = True
-    """Also search one weight per adapter (in ``weight_range``)."""
-    weight_range: tuple[float, float] = (0.0, 1.5)
-    rank: str | int = "auto"
-
-    def knobs(self, method: str) -> list[str]:
-        fields = get_method(method).config_cls.model_fields
-        names = {f.alias or n for n, f in fields.items()}
-        return [k for k in PARAMETER_RANGES if k in names]
-
-
-@dataclass
-class PrepareContext:
-    """What a preparer gets: the base model, the adapters, the validation tasks, a cache directory."""
-
-    model: Any
-    tokenizer: Any
-    adapters: list[Path]
-    names: list[str]
-    tasks: list[ValidationTask]
-    cache_dir: Path
-    seed: int = 0
-    show_progress: bool = False
-
-
-Preparer = Callable[[PrepareContext], dict]
-
 
 @dataclass
 class Trial:
@@ -151,26 +124,6 @@ class ScoreCache:
             fh.write(json.dumps(row) + "\n")
 
 
-def check_budget(trials: int | None, minutes: float | None) -> None:
-    if (trials is None or trials <= 0) and (minutes is None or minutes <= 0):
-        raise RecipeError("the tuning budget is zero", fix="give --trials N (N >= 1) and/or --minutes M (M > 0)")
-    if (trials is not None and trials < 0) or (minutes is not None and minutes < 0):
-        raise RecipeError("a negative budget", fix="give --trials N >= 1 and/or --minutes M > 0")
-
-
-def check_space(space: SearchSpace, preparers: Mapping[str, Preparer]) -> None:
-    if not space.methods:
-        raise RecipeError("no methods to search", fix="name at least one method (`loramerge methods` lists them)")
-    for name in space.methods:
-        method = get_method(name)
-        if method.data != "none" and method.name not in preparers:
-            raise RecipeError(f"method '{method.name}' needs data ({method.data}) that tune cannot prepare here",
-                              fix="drop it from --methods, or run it through the `loramerge tune` command")
-    low, high = space.weight_range
-    if not 0 <= low < high:
-        raise RecipeError(f"bad weight range {space.weight_range}", fix="give 0 <= low < high")
-
-
 def read_validation(source: Any, names: Sequence[str]) -> Examples:
     """The validation examples per adapter name, through the shared reader (tasks must match the adapters)."""
     return read_examples(source, tasks=list(names))
@@ -195,10 +148,11 @@ class Tuner:
         self.paths = [Path(p) for p in adapters]
         self.names = list(names)
         self.space, self.seed, self.top_k, self.batch_size = space, seed, top_k, batch_size
-        self.preparers = dict(preparers or {})
+        self.preparers = {**default_preparers(space.methods), **(preparers or {})}
         self.show_progress = show_progress
         self.cache_dir = Path(cache_dir)
         self.adapters = [load_adapter(p, name=n) for p, n in zip(self.paths, self.names, strict=True)]
+        self.data = data
         self.tasks = [ValidationTask.from_examples(n, data[n]) for n in self.names]
         self.full = [t.encode(tokenizer, max_length) for t in self.tasks]
         self.slice = [e.select(_slice_index(len(e), slice_size, seed, e.task.name)) for e in self.full]
@@ -211,6 +165,7 @@ class Tuner:
         self.prepared: dict[str, dict] = {}
         self.settings = {"slice_size": slice_size, "top_k": top_k, "seed": seed, "methods": list(space.methods),
                          "weights": space.weights, "weight_range": list(space.weight_range), "rank": space.rank,
+                         "post": space.post,
                          "adapters": [str(p) for p in self.paths], "names": self.names,
                          "validation_sizes": {t.name: len(t) for t in self.tasks}}
 
@@ -260,6 +215,7 @@ class Tuner:
             "adapters": [{"path": str(p), "name": n, "weight": float(w)}
                          for p, n, w in zip(self.paths, self.names, weights, strict=True)],
             "rank": self.space.rank, "seed": self.seed,
+            **{k: config[k] for k in ("post", "calibration", "base_model") if config.get(k) is not None},
         })
 
     def merge(self, config: Mapping[str, Any]):
@@ -285,11 +241,13 @@ class Tuner:
         return sum(per_task.values()) / len(per_task), per_task, float(hit["seconds"]), cached
 
     def _resolved(self, config: Mapping[str, Any]) -> dict:
-        """The config with a data method's prepared parameters filled in (what is merged and cached)."""
+        """The config with a data method's prepared recipe fields filled in (what is merged and cached)."""
         method = get_method(config["method"]).name
         if method not in self.preparers:
             return dict(config)
-        return {**config, "parameters": {**self._prepare(method), **config.get("parameters", {})}}
+        prepared = self._prepare(method)
+        params = {**prepared.get("parameters", {}), **config.get("parameters", {})}
+        return {**config, **{k: v for k, v in prepared.items() if k != "parameters"}, "parameters": params}
 
     def _prepare(self, method: str) -> dict:
         if method not in self.prepared:
@@ -299,8 +257,8 @@ class Tuner:
                 self.prepared[method] = json.loads(path.read_text())
             else:
                 log.info("preparing %s (once; cached in %s)", method, path)
-                ctx = PrepareContext(self.model, self.tokenizer, self.paths, self.names, self.tasks, self.cache_dir,
-                                     self.seed, self.show_progress)
+                ctx = PrepareContext(self.model, self.tokenizer, self.paths, self.names, self.tasks, self.data,
+                                     self.cache_dir, self.seed, self.show_progress)
                 params = self.preparers[method](ctx)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(params))
@@ -313,8 +271,10 @@ class Tuner:
     def suggest(self, trial) -> dict:
         """One configuration from an Optuna trial (parameters conditional on the method)."""
         method = trial.suggest_categorical("method", list(self.space.methods))
-        params = {k: trial.suggest_float(f"{method}.{k}", *PARAMETER_RANGES[k]) for k in self.space.knobs(method)}
+        params = {k: trial.suggest_float(f"{method}.{k}", *r) for k, r in self.space.knobs(method).items()}
         config: dict[str, Any] = {"method": method, "parameters": params}
+        if self.space.post and trial.suggest_categorical("post", ["none", "lines"]) == "lines":
+            config["post"] = {"lines": {k: trial.suggest_float(f"post.lines.{k}", *r) for k, r in POST_RANGES.items()}}
         if self.space.weights and method not in self.preparers:
             config["weights"] = [trial.suggest_float(f"w.{n}", *self.space.weight_range) for n in self.names]
         else:
@@ -340,9 +300,8 @@ class Tuner:
 
     def run(self, *, trials: int | None = None, minutes: float | None = None, sampler: str = "tpe",
             on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
-        import optuna
-
         check_budget(trials, minutes)
+        optuna = _optuna()
         if sampler not in ("tpe", "cmaes", "random"):
             raise RecipeError(f"unknown sampler '{sampler}'", fix="use tpe, cmaes or random")
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -392,6 +351,14 @@ class Tuner:
         return TuneResult(records, best, baseline, own, self.settings, evaluated=self.evaluated)
 
 
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise RecipeError("`loramerge tune` needs optuna", fix="pip install 'loramerge[tune]'") from None
+    return optuna
+
+
 class _TrialProgress:
     """A rich progress line over trials: count, best score so far, last configuration."""
 
@@ -424,20 +391,10 @@ class _TrialProgress:
 
 
 def load_causal_lm(base: str | Path):
-    """The base model (float32, eval mode) and its tokenizer (pad token = eos when it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The base model (float32, eval mode) and its tokenizer: the calibration's loader."""
+    from loramerge.data.calibration import load_base_model
 
-    from loramerge.errors import BaseModelError
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-        model = AutoModelForCausalLM.from_pretrained(str(base)).float().eval()
-    except (OSError, ValueError) as exc:
-        raise BaseModelError(f"cannot load the base model: {exc}", path=str(base),
-                             fix="pass --base with the model directory (or hub id) the adapters were trained on") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_base_model(base)
 
 
 def base_model_of(adapters: Sequence[Path]) -> str:
@@ -451,13 +408,6 @@ def base_model_of(adapters: Sequence[Path]) -> str:
     return str(bases.pop())
 
 
-def check_tasks(names: Sequence[str], data: Mapping[str, Sequence]) -> None:
-    missing = [n for n in names if n not in data or not data[n]]
-    if missing:
-        raise DataError(f"no validation examples for adapters {missing}",
-                        fix="give every adapter's task some validation examples")
-
-
 def check_output(output: Path, force: bool) -> None:
     """Refuse to overwrite a finished tune; allow resuming an interrupted one (a cache and nothing else)."""
     output = Path(output)
@@ -469,3 +419,8 @@ def check_output(output: Path, force: bool) -> None:
             raise OutputError("the output directory holds a finished tune (or other files)", path=str(output),
                               fix="choose a new --output, or pass --force to replace the results "
                               "(the cache is kept, so scored configurations are not scored again)")
+
+
+__all__ = ["DEFAULT_METHODS", "PrepareContext", "Preparer", "SearchSpace", "Trial", "TuneResult", "Tuner",
+           "base_model_of", "canonical", "check_budget", "check_output", "check_space", "default_config",
+           "default_preparers", "load_causal_lm", "read_validation"]

@@ -214,6 +214,8 @@ def atomic_directory(output: Path, *, force: bool) -> Iterator[Path]:
             exc = _as_os_error(exc, tmp)
         if isinstance(exc, OSError) and not isinstance(exc, LoramergeError):
             raise OutputError(f"could not write the output: {exc}", path=str(output), fix=_WRITE_FIX) from exc
+        if isinstance(exc, OutputError) and (exc.path is None or str(tmp) in exc.path):  # a nested write failed
+            raise OutputError(exc.message, path=str(output), fix=exc.fix) from exc
         raise
 
 

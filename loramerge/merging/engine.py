@@ -151,11 +151,13 @@ def merge_modules(
     modules: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
+    context: Any = None,
 ) -> Iterator[MergedModule]:
     """Merge module by module (natural order), yielding each output module with its report.
 
     Runs the method's ``prepare`` pass (global statistics) first when it has one. Only one module's
-    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``.
+    factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``. ``context``: what
+    the method reads instead of a ``prepare`` pass (calibration statistics for the data-informed methods).
     """
     import torch
 
@@ -164,7 +166,7 @@ def merge_modules(
     method = plan.method
     fn = method_function(method, plan.space, factorwise=plan.factorwise)
     names = list(adapters.module_names if modules is None else modules)
-    context = plan.context
+    context = context if context is not None else plan.context
     if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
     for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):

@@ -252,6 +252,10 @@ def _resolve_tokenizer(base: Any, tokenizer: Any):
     if isinstance(base, (str, Path)):
         from transformers import AutoTokenizer
 
+        if not (Path(base) / "config.json").is_file():
+            raise BaseModelError("the base model is not a local model directory (no config.json)", path=str(base),
+                                 fix="pass the directory written by save_pretrained (model and tokenizer)")
+
         return AutoTokenizer.from_pretrained(str(base))
     raise RecipeError("a tokenizer is needed to run the other tasks' texts through the model",
                       fix="pass tokenizer=AutoTokenizer.from_pretrained(...), or pass the base model as a path")

@@ -42,6 +42,13 @@ RECIPE_VALUE_CASES = [
     ("weight-nan", {"adapters": [{"path": "PATH", "weight": float("nan")}]}, "finite", "examples"),
     ("weight-inf", {"adapters": [{"path": "PATH", "weight": float("inf")}]}, "finite", "examples"),
     ("parameter-wrong-type", {"parameters": {"lambda": "big"}}, "lambda", "loramerge methods"),
+    # issue 14: YAML booleans are not numbers (``rank: true`` used to be read as rank 1)
+    ("rank-true", {"rank": True}, "rank", "examples"),
+    ("rank-false", {"rank": False}, "rank", "examples"),
+    ("weight-true", {"adapters": [{"path": "PATH", "weight": True}]}, "weight", "examples"),
+    ("seed-true", {"seed": True}, "seed", "examples"),
+    ("weight-string", {"adapters": [{"path": "PATH", "weight": "heavy"}]}, "weight", "examples"),
+    ("parameters-a-list", {"parameters": [1, 2]}, "parameters", "examples"),
 ]
 
 
@@ -131,3 +138,26 @@ def test_empty_adapter_list_in_python():
     with pytest.raises(RecipeError) as info:
         merge(adapters=[], method="task_arithmetic")
     assert_user_error(info.value, RecipeError, "adapters", fix="examples")
+
+
+@pytest.mark.parametrize("text,mention", [
+    ("method: ties\nadapters: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested deeper"),
+    ("method: ties\nparameters: " + "{a: " * 2000 + "1" + "}" * 2000 + "\n", "nested deeper"),
+    ("method: ties\nadapters:\n" + "- " * 2000 + "x\n", "nested deeper"),
+    ("method: ties\nadapters:\n" + "- some/adapter\n" * 1_000_000, "at most"),
+], ids=["flow-lists", "flow-mappings", "block-lists", "a-million-adapters"])
+def test_pathological_yaml_is_refused_before_parsing(tmp_path, text, mention):
+    """Found: deeply nested YAML exhausted the parser's recursion (a raw traceback). Capped before parsing."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert_user_error(info.value, RecipeError, str(path), mention, fix="")
+
+
+def test_recipe_that_is_not_text(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(b"\xff\xfe\x00method: ties")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert_user_error(info.value, RecipeError, str(path), fix="UTF-8")

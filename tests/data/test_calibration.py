@@ -145,7 +145,9 @@ def test_lines_layer_factors_and_post_step_compose(three_adapters):
                        post={"lines": {"alpha": 0.2, "beta": 0.6}}).factors()
         for module, f in plain.items():  # tiny Llama: 2 layers
             factor = 0.2 + 0.6 * int(module.split(".")[2])
-            torch.testing.assert_close(scaled[module].delta(), factor * f.delta(), rtol=1e-4, atol=1e-6)
+            # ties at rank max goes through the (warm-started, randomized) rank policy on the scaled delta:
+            # equal up to that approximation, not bit for bit
+            torch.testing.assert_close(scaled[module].delta(), factor * f.delta(), rtol=1e-3, atol=1e-3)
     ta = merge(adapters=adapters, method="task_arithmetic", rank="exact").factors()
     ln = merge(adapters=adapters, method="lines", parameters={"alpha": 0.5, "beta": 0.5}, rank="exact").factors()
     for module, f in ta.items():

@@ -107,3 +107,30 @@ def test_bad_init(task_world):
     with pytest.raises(LoramergeError, match="outside the bounds"):
         learn_coefficients(task_world.fresh_model(), task_world.tokenizer, task_world.paths, _prompts(2),
                            init=2.0, bounds=(0.0, 1.0))
+
+
+def test_tune_trains_adamerging_once(task_world, tmp_path):
+    from loramerge.data.examples import read_examples
+    from loramerge.data.tune import SearchSpace, Tuner
+    from loramerge.routers.adamerging import tune_preparer
+
+    rows = [{"task": t, "text": s} for t in TASKS for s in task_texts(t, 8, seed=3)]
+    data = read_examples(rows, tasks=TASKS)
+    calls = []
+    inner = tune_preparer(steps=3, lr=0.05)
+
+    def counted(ctx):
+        calls.append(1)
+        return inner(ctx)
+
+    counted.key = inner.key
+    make = lambda: Tuner(task_world.fresh_model(), task_world.tokenizer, task_world.paths, TASKS, data,  # noqa: E731
+                         cache_dir=tmp_path, space=SearchSpace(methods=("task_arithmetic", "adamerging")),
+                         slice_size=4, top_k=1, preparers={"adamerging": counted}, show_progress=False)
+    tuner = make()
+    score, _, _, _ = tuner.evaluate({"method": "adamerging", "parameters": {}, "weights": [1.0] * 3})
+    assert 0 < score < 2 and len(calls) == 1
+    (prepared,) = tmp_path.glob("prepared-adamerging-*.json")
+    assert json.loads(prepared.read_text())["parameters"]["granularity"] == "layer"
+    again = make().evaluate({"method": "adamerging", "parameters": {}, "weights": [1.0] * 3})
+    assert again[0] == score and again[3] and len(calls) == 1  # cached: neither trained nor scored again

@@ -182,10 +182,10 @@ def test_average_normalises_by_the_weights(composer, adapter_root):
     got = composed_deltas(built.adapter)
     assert set(got) == set(code) | set(chat)
     for module, delta in got.items():
-        # 'average' normalises per module over the adapters that have it (loramerge's average method)
+        # 'average' normalises by all the weights; an adapter without the module contributes a zero delta
+        # there (model-soup semantics, issue 14 item 3: the same as `loramerge merge`)
         weights = {n: w for n, w, d in (("code", 3.0, code), ("chat", 1.0, chat)) if module in d}
-        total = sum(weights.values())
-        expected = sum((w / total) * {"code": code, "chat": chat}[n][module] for n, w in weights.items())
+        expected = sum((w / 4.0) * {"code": code, "chat": chat}[n][module] for n, w in weights.items())
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
 
 

@@ -12,16 +12,15 @@ name, then by adapter name.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field
 
 from loramerge.core.factored import concat_factors
 from loramerge.merging.methods.base import Factored, MethodConfig, ModuleInputs
+from loramerge.merging.methods.lines import layer_index
 
 Granularity = Literal["task", "layer", "module"]
-_BLOCK = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
 def coefficient_group(module: str, granularity: Granularity) -> str:
@@ -32,9 +31,9 @@ def coefficient_group(module: str, granularity: Granularity) -> str:
     if granularity == "task":
         return "all"
     if granularity == "layer":
-        match = _BLOCK.search(module)
-        if match:
-            return match.group(1)
+        index = layer_index(module)
+        if index is not None:
+            return str(index)
     return module
 
 

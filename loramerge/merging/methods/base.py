@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from loramerge.core.adapter import LoraFactors
 
 MethodKind = Literal["factored", "elementwise"]
+CALIBRATION_KINDS = ("gram", "fisher", "model")
 
 
 class MethodConfig(BaseModel):
@@ -128,7 +129,15 @@ class MergeMethod:
     prepare: PrepareFn | None = None
     fixed_rank: RankPolicy | None = None
     data: str = "none"
+    """What the method learns from: "none", calibration statistics ("gram", "fisher": the recipe's
+    ``calibration:`` / ``data:``; "model": computed from ``data:`` on the partially merged model), or "prompts" (coefficients learned beforehand, e.g. by ``loramerge
+    adamerging``, and given as parameters)."""
     aliases: tuple[str, ...] = ()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the engine must load calibration statistics for it (``CALIBRATION_KINDS``)."""
+        return self.data in CALIBRATION_KINDS
 
     def make_config(self, parameters: dict | None) -> MethodConfig:
         return self.config_cls(**(parameters or {}))
