@@ -18,13 +18,12 @@ from loramerge.errors import LoramergeError, RecipeError
 
 def parse_adapter_items(items: list[str]) -> tuple[list[str], list[Path]]:
     """``name=path`` or ``path`` (named after its directory) -> (names, paths)."""
+    from loramerge.core.names import parse_pair
+
     names, paths = [], []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or Path(item).exists():
-            name, path = Path(item).name, item
-        if not name or not path:
-            raise RecipeError(f"cannot read adapter '{item}'", fix="write adapters as name=path or path")
+    for item in items:  # a path that exists wins over a NAME=PATH reading of it
+        name, path = (Path(item).name, item) if Path(item).exists() else parse_pair(
+            item, option="adapter", name_optional=True)
         names.append(name)
         paths.append(Path(path))
     if len(set(names)) != len(names):

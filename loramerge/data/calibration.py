@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from loramerge.core.adapter import LoraAdapter, load_adapter
+from loramerge.core.names import parse_pair
 from loramerge.core.progress import progress_bar
 from loramerge.data.examples import fingerprint, read_examples
 from loramerge.errors import BaseModelError, DataError, NumericalError
@@ -277,8 +278,11 @@ def _as_adapters(adapters: Sequence[LoraAdapter | str | Path] | Mapping[str, str
         if isinstance(a, LoraAdapter):
             out.append(a)
             continue
-        name, sep, path = str(a).partition("=")
-        out.append(load_adapter(path, name=name) if sep and not Path(str(a)).exists() else load_adapter(a))
+        if Path(str(a)).exists():  # a path that exists wins over a NAME=PATH reading of it
+            out.append(load_adapter(a))
+            continue
+        name, path = parse_pair(str(a), option="adapter", name_optional=True)
+        out.append(load_adapter(path, name=name))
     return out
 
 
