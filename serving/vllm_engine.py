@@ -175,7 +175,7 @@ def _base_rows_mode(requested: BaseRows) -> BaseRows:
 class VLLMEngine(ServingEngine):
     """Offline vLLM (``vllm.LLM``): a whole batch of mixed compositions in one ``generate`` call.
 
-    ``base_rows``: on CPU, vLLM gives rows without a LoRA the last slot's adapter (vllm-cpu.md pitfall 1),
+    ``base_rows``: on CPU, vLLM gives rows without a LoRA the last slot's adapter (docs/VLLM_CPU.md, pitfall 1),
     so by default (``auto``) base-model requests run through a zero adapter (B = 0: exactly the base
     output) and no row is ever without a LoRA. ``none`` sends them with no LoRA (correct on GPU).
     """

@@ -1,5 +1,5 @@
 """Calibration statistics: run a model over each adapter's unlabeled texts and record, per targeted module,
-what the data-informed methods need (methods-data.md):
+what the data-informed methods need (docs/ARCHITECTURE.md, README "Merging with a little data"):
 
 - ``G = X^T X / n``: the second moment of the module's inputs (tokens as rows, padding excluded). Modules that
   read the same tensor (q/k/v read the attention input, gate/up the MLP input) share one Gram, computed once and

@@ -65,7 +65,7 @@ def test_compositions_never_share_prefix_cache(engine, oracle):
 
 
 def test_base_rows_are_wrong_without_the_workaround(engine, oracle, prompts):
-    """The CPU bug the zero adapter avoids (vllm-cpu.md pitfall 1): rows with no LoRA, batched with LoRA
+    """The CPU bug the zero adapter avoids (docs/VLLM_CPU.md, pitfall 1): rows with no LoRA, batched with LoRA
     rows, get the last slot's adapter. If this starts failing, vLLM fixed it and the workaround can go."""
     composer = engine.composer
     adapters = [composer.build(composer.resolve(composer.parse(m))).adapter for m in ("code", "math", "chat", "wide")]
