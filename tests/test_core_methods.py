@@ -141,9 +141,10 @@ def test_dare_is_seeded_and_unbiased():
 
 
 def ref_magprune(tau: torch.Tensor, density: float, eps: float, gen: torch.Generator) -> torch.Tensor:
-    """DELLA MAGPRUNE: per row, ascending magnitude rank i -> p_i = d - eps + 2 eps i / (n - 1)."""
+    """DELLA MAGPRUNE: per row, ascending magnitude rank i -> p_i = d - eps + 2 eps i / (n - 1); entries of equal
+    magnitude ranked by column (float32 products do tie now and then)."""
     n = tau.shape[1]
-    ranks = torch.argsort(torch.argsort(tau.abs(), dim=1), dim=1).float()
+    ranks = torch.argsort(torch.argsort(tau.abs(), dim=1, stable=True), dim=1).float()
     probs = density - eps + 2 * eps * ranks / (n - 1)
     keep = torch.bernoulli(probs, generator=gen).bool()
     return torch.where(keep, tau / probs, torch.zeros_like(tau))
