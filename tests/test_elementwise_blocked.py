@@ -16,7 +16,8 @@ from test_core_methods import (
 )
 
 from loramerge.core.adapter import LoraFactors
-from loramerge.core.ops import BLOCK_ELEMENTS, generator_for, kth_smallest_abs_of_product, row_blocks
+from loramerge.core.ops import BLOCK_ELEMENTS, kth_smallest_abs_of_product, row_blocks
+from loramerge.core.streams import UniformStream
 from loramerge.merging.methods import ModuleInputs
 
 SHAPE = (530, 600)  # 318,000 entries: 3 row blocks, and above the size where thresholds are sampled
@@ -66,7 +67,7 @@ def test_dare_linear_and_dare_ties():
 def test_della(elect):
     inputs = make_inputs(torch.float32)
     pruned = torch.stack([
-        ref_magprune(t, 0.7, 0.1, generator_for(inputs.seed, "della", inputs.name, n))
+        ref_magprune(t, 0.7, 0.1, UniformStream.for_parts(inputs.seed, "della", inputs.name, n))
         for t, n in zip(task_vectors(inputs), inputs.adapter_names)
     ])
     expected = ref_elect_and_merge(pruned, weights=inputs.weights) if elect else pruned.sum(0)

@@ -74,3 +74,23 @@ def test_keep_band_is_the_band_mask(dtype, lo, hi):
     a = x.abs()
     expected = torch.where((a >= lo) & (a <= hi), x, torch.zeros_like(x))
     assert torch.equal(keep_band(x, lo, hi), expected)
+
+
+def test_uniform_stream_is_seeded_split_independent_and_on_torch_rand_grid():
+    from loramerge.core.streams import UniformStream
+
+    whole = UniformStream(5).fill_(torch.empty(40_001))
+    stream = UniformStream(5)
+    parts = torch.cat([stream.fill_(torch.empty(n)) for n in (3, 20_000, 1, 19_997)])  # odd splits: spare halves
+    assert torch.equal(whole, parts)
+    assert torch.equal(UniformStream(5).fill_(torch.empty(40_001, dtype=torch.float64)).float(), whole)
+    assert not torch.equal(UniformStream(6).fill_(torch.empty(40_001)), whole)
+    assert torch.equal(UniformStream.for_parts(0, "della", "m", "a").fill_(torch.empty(9)),
+                       UniformStream.for_parts(0, "della", "m", "a").fill_(torch.empty(9)))
+    k = whole * 2**24
+    assert torch.equal(k, k.round()) and 0 <= float(whole.min()) and float(whole.max()) < 1
+    counts = torch.histc(whole, bins=10, min=0.0, max=1.0)  # uniform: 4,000 per bin, sd ~ 60
+    assert float((counts - 4000).abs().max()) < 400
+    assert abs(float((whole < 0.3).float().mean()) - 0.3) < 0.01
+    grid = torch.empty(3, 5)
+    assert UniformStream(1).fill_(grid.t()).shape == (5, 3)  # a non-contiguous target is filled through a copy

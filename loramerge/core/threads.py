@@ -73,3 +73,23 @@ def split_range(n: int, parts: int) -> list[slice]:
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+_local = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A reusable buffer of ``shape`` (contents undefined), one per (thread, name): the blocked passes ask for the
+    same sizes block after block, and fresh arrays of a few hundred KiB each time cost page faults. Valid until the
+    same thread asks for ``name`` again."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    numel = 1
+    for s in shape:
+        numel *= s
+    key = (name, dtype, torch.device(device))
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)

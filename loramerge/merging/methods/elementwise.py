@@ -37,7 +37,8 @@ from loramerge.core.ops import (
     topk_threshold_of_product,
     zero_below_,
 )
-from loramerge.core.threads import cpu_workers, parallel_map, split_range
+from loramerge.core.streams import UniformStream
+from loramerge.core.threads import cpu_workers, parallel_map, scratch, split_range
 from loramerge.merging.methods.base import Dense, MethodConfig, ModuleInputs
 
 T = TypeVar("T")
@@ -347,15 +348,17 @@ class DellaConfig(MethodConfig):
 
 def della(cfg: DellaConfig, inputs: ModuleInputs) -> Dense:
     """DELLA (MAGPRUNE): magnitude-ranked keep probabilities per row, 1/p rescale, elect, weighted fuse."""
-    device = inputs.factors[0].B.device
-    gens = [generator_for(inputs.seed, "della", inputs.name, name, device=device) for name in inputs.adapter_names]
+    streams = [UniformStream.for_parts(inputs.seed, "della", inputs.name, name) for name in inputs.adapter_names]
 
     def magprune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
-        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)  # per row: a block of rows is enough
-        # torch.bernoulli(probs, generator)'s own draws (on the CPU: the same uniforms, kept where u < p), with
-        # float operations: probs - u > 0 exactly when u < probs; d * 1 / p where kept, +-0 where dropped
-        u = torch.rand(probs.shape, generator=gens[t], dtype=probs.dtype, device=probs.device)
-        keep = u.neg_().add_(probs).sign_().clamp_(min=0.0)
+        shape = tuple(d.shape)
+        # per row: a block of rows is enough
+        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon, out=scratch("della_p", shape, d.dtype, d.device))
+        # Bernoulli(p) draws as u < p, u from the adapter's stream in memory order (torch.rand's float32 grid, from
+        # a faster generator than torch's: the stream is not torch.bernoulli's), with float operations:
+        # probs - u > 0 exactly when u < probs; d * 1 / p where kept, +-0 where dropped
+        u = streams[t].fill_(scratch("della_u", shape, d.dtype, d.device))
+        keep = torch.sub(probs, u, out=u).sign_().clamp_(min=0.0)
         return d.mul_(keep).div_(probs)
 
     if not cfg.elect_sign:
