@@ -104,11 +104,6 @@ def _sign_resolved_merge(
     return acc
 
 
-BlockT = TypeVar("T")
-Sparsifier = Callable[[int, torch.Tensor, slice], torch.Tensor]
-"""(adapter position, a row block of w_t B_t A_t, its rows) -> the sparsified block (in place allowed)."""
-
-
 BlockSparsifier = Callable[[int, torch.Tensor, slice], torch.Tensor]
 """(adapter position, a row block of w_t B_t A_t, its rows) -> the sparsified block (in place allowed)."""
 
