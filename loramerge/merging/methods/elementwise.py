@@ -10,6 +10,11 @@ matrix. The non-default TIES options (``merge_func: max``, ``majority_sign: freq
 below. The result goes back to low rank through the rank policy. User weights multiply the task vectors before
 the method sees them (``tau_t = w_t * B_t A_t``), so with unit weights each
 function is the paper's algorithm on that module.
+
+On the CPU the work is shared among torch's intra-op threads (``core/threads.py``), each task on one thread: the
+per-adapter order statistics run for several adapters at once, and per block the adapters are sparsified at
+once, then the block is fused in one piece per thread. Every entry's arithmetic (and every adapter's random
+stream) is the same whatever the thread count, so the result is too.
 """
 
 from __future__ import annotations
