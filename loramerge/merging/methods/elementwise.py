@@ -142,8 +142,10 @@ class _Blocks:
         return parallel_map(lambda t: sparsify(t, self.block(t, rows), rows).reshape(-1), range(self.n), self.workers)
 
     def pieces(self, rows: slice) -> list[slice]:
-        """The flat entries of a row block, in one contiguous piece per worker."""
-        return split_range((rows.stop - rows.start) * self.shape[1], self.workers)
+        """The flat entries of a row block, in one contiguous piece per worker (pieces of at least 32 Ki entries:
+        smaller ones would cost more in Python than in arithmetic on machines with many cores)."""
+        n = (rows.stop - rows.start) * self.shape[1]
+        return split_range(n, min(self.workers, max(1, n >> 15)))
 
 
 def row_basis(inputs: ModuleInputs) -> torch.Tensor:
