@@ -5,7 +5,8 @@ Cost model (SmolLM2-135M, docs/BENCHMARKS.md): the Grams of a decoder layer's fo
 much as the layer's forward (``3.5M`` multiply-adds per token), so they are computed as cheaply as exactness allows:
 
 - only the upper triangle, by row strips (``G[i:j, i:] += X[:, i:j]^T X[:, i:]``): about 0.6x the multiply-adds of
-  the full ``X^T X``, accumulated in place (``addmm_``, no temporary);
+  the full ``X^T X``, accumulated in place (``addmm_``, no temporary); the rest is copied from the transpose once,
+  at the end;
 - in float32 partial sums that are added into the float64 totals every ``flush_tokens`` tokens (each batch's
   product is a float32 matmul either way; a partial sum of a few batches adds a few float32 roundings, not one
   per token), so the float64 traffic is paid every few batches instead of every batch;
@@ -29,19 +30,24 @@ STRIP = 384  # row-strip width of the upper-triangle product (measured: 576 -> 2
 FLUSH_TOKENS = 8192  # float32 partial sums go into the float64 totals at least this often (in tokens)
 
 
-def add_upper_gram(acc: torch.Tensor, rows: torch.Tensor, strip: int = STRIP) -> None:
-    """``acc``'s upper triangle (and its diagonal blocks) ``+= rows^T rows``, in place; the lower one is not kept."""
-    d = rows.shape[1]
+def _strips(d: int, strip: int) -> list[tuple[int, int]]:
     n = max(1, -(-d // strip))
     step = -(-d // n)
-    for lo in range(0, d, step):
-        acc[lo:lo + step, lo:].addmm_(rows[:, lo:lo + step].T, rows[:, lo:])
+    return [(lo, min(lo + step, d)) for lo in range(0, d, step)]
 
 
-def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
-    full = torch.triu(upper)
-    return full + torch.triu(upper, 1).T
+def add_upper_gram(acc: torch.Tensor, rows: torch.Tensor, strip: int = STRIP) -> None:
+    """``acc[i:j, i:] += rows[:, i:j]^T rows[:, i:]`` for each row strip ``[i, j)``, in place: the upper triangle and
+    the (full, symmetric) diagonal blocks of ``rows^T rows``; below the diagonal blocks nothing is touched."""
+    for lo, hi in _strips(rows.shape[1], strip):
+        acc[lo:hi, lo:].addmm_(rows[:, lo:hi].T, rows[:, lo:])
+
+
+def mirror_strips(acc: torch.Tensor, strip: int = STRIP) -> torch.Tensor:
+    """Fill what ``add_upper_gram`` leaves out (below the diagonal blocks) from its transpose, in place."""
+    for lo, hi in _strips(acc.shape[0], strip):
+        acc[hi:, lo:hi] = acc[lo:hi, hi:].T
+    return acc
 
 
 @dataclass
@@ -130,11 +136,22 @@ class GramAccumulator:
                 part.zero_()
         self._pending = 0
 
+    def means(self) -> dict[str, torch.Tensor]:
+        """``X^T X / tokens`` per input key, float32, symmetric: what ``calibrate`` stores. Ends the pass (the sums
+        are divided in place); when fewer than ``flush_tokens`` tokens were seen, the float32 partial sums are it."""
+        out = {}
+        for key, part in self._partial.items():
+            total = self._total.get(key)
+            mean = part.div_(self.tokens) if total is None else total.add_(part).div_(self.tokens).to(torch.float32)
+            out[key] = mirror_strips(mean, self.strip)
+        self._partial, self._total, self._pending = {}, {}, 0
+        return out
+
     @property
     def grams(self) -> dict[str, torch.Tensor]:
-        """The float64 sums ``X^T X`` per input key (symmetric); flushes the partial sums first."""
+        """The float64 sums ``X^T X`` per input key (symmetric; the accumulator's own tensors, do not modify)."""
         self.flush()
-        return {key: symmetric_from_upper(total) for key, total in self._total.items()}
+        return {key: mirror_strips(total, self.strip) for key, total in self._total.items()}
 
 
 def delta_hook(A: torch.Tensor, B: torch.Tensor):
@@ -178,4 +195,4 @@ def adapted(model: nn.Module, deltas: Mapping[str, tuple[torch.Tensor, torch.Ten
             h.remove()
 
 
-__all__ = ["FLUSH_TOKENS", "GramAccumulator", "adapted", "add_upper_gram", "delta_hook", "symmetric_from_upper"]
+__all__ = ["FLUSH_TOKENS", "GramAccumulator", "adapted", "add_upper_gram", "delta_hook", "mirror_strips"]

@@ -88,7 +88,8 @@ def model_fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     for name in modules:
         w = model.get_submodule(name).weight.detach()
         digest.update(name.encode())
-        digest.update(repr((float(w.double().sum()), float(w.double().square().sum()))).encode())
+        wd = w.double()
+        digest.update(repr((float(wd.sum()), float(wd.square().sum()))).encode())
         digest.update(w.reshape(-1)[:256].float().numpy().tobytes())
     return digest.hexdigest()
 
@@ -341,7 +342,7 @@ def _calibrate_one(model: nn.Module, tokenizer: Any, adapter: LoraAdapter, examp
                   description=f"calibrating {adapter.name}", show_progress=show_progress, fisher_labels=fisher_labels)
     if acc.tokens == 0:
         raise DataError(f"the texts of '{adapter.name}' hold no tokens", fix="give non-empty texts")
-    tensors = {f"gram:{k}": v.div_(acc.tokens).float() for k, v in acc.grams.items()}
+    tensors = {f"gram:{k}": v for k, v in acc.means().items()}
     tensors |= {f"fisher_out:{k}": (v / acc.tokens).float() for k, v in acc.out_sq.items()}
     bad = next((k for k, t in tensors.items() if not torch.isfinite(t.sum(dtype=torch.float64))), None)
     if bad is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from loramerge.data.accumulate import GramAccumulator, adapted, add_upper_gram, delta_hook, symmetric_from_upper
+from loramerge.data.accumulate import GramAccumulator, adapted, add_upper_gram, delta_hook, mirror_strips
 from loramerge.data.calibration import collect, tokenize
 from loramerge.demo.toy import make_tokenizer
 
@@ -21,14 +21,15 @@ def test_upper_gram_by_strips_equals_xtx(d, strip):
     add_upper_gram(acc, rows, strip)
     add_upper_gram(acc, 2 * rows, strip)
     want = 5 * rows.double().T @ rows.double()
-    torch.testing.assert_close(symmetric_from_upper(acc).double(), want, rtol=1e-5, atol=1e-4)
     assert (acc.tril(-strip).abs() == 0).all()  # below the diagonal blocks nothing was computed
+    torch.testing.assert_close(mirror_strips(acc, strip).double(), want, rtol=1e-5, atol=1e-4)
 
 
-def test_accumulator_drops_padding_flushes_and_shares_inputs():
+@pytest.mark.parametrize("flush_tokens", [5, 10**9])
+def test_accumulator_drops_padding_flushes_and_shares_inputs(flush_tokens):
     gen = torch.Generator().manual_seed(0)
     q, k = nn.Linear(10, 4), nn.Linear(10, 4)
-    acc = GramAccumulator(modules=["q", "k"], fisher=False, flush_tokens=5, strip=3)
+    acc = GramAccumulator(modules=["q", "k"], fisher=False, flush_tokens=flush_tokens, strip=3)
     handles = [q.register_forward_pre_hook(acc.pre_hook("q")), k.register_forward_pre_hook(acc.pre_hook("k"))]
     kept = []
     for lengths in ([4, 2], [3, 3], [1, 4]):  # padded and unpadded batches; flushes after the first two
@@ -45,9 +46,16 @@ def test_accumulator_drops_padding_flushes_and_shares_inputs():
         h.remove()
     X = torch.cat(kept).double()
     assert acc.inputs == {"q": "q", "k": "q"} and acc.order == ["q", "k"] and acc.tokens == X.shape[0]
-    grams = acc.grams
-    assert list(grams) == ["q"] and grams["q"].dtype == torch.float64 and not grams["q"].is_inference()
-    torch.testing.assert_close(grams["q"], X.T @ X, rtol=1e-5, atol=1e-3)
+    if flush_tokens == 5:  # flushed after the first two batches: float64 totals
+        assert acc._total and acc._pending == 5
+        grams = acc.grams
+        assert list(grams) == ["q"] and grams["q"].dtype == torch.float64 and not grams["q"].is_inference()
+        torch.testing.assert_close(grams["q"], X.T @ X, rtol=1e-5, atol=1e-3)
+    else:
+        assert not acc._total
+    means = acc.means()  # what calibrate stores: float32, from the totals or straight from the partial sums
+    assert list(means) == ["q"] and means["q"].dtype == torch.float32
+    torch.testing.assert_close(means["q"].double(), X.T @ X / X.shape[0], rtol=1e-5, atol=1e-4)
 
 
 def test_adapted_weights_equal_the_hook_and_are_restored(llama):
