@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (calibrate's default)")
     parser.add_argument("--max-length", type=int, default=2048, help="cut each prompt to this many tokens")
     parser.add_argument("--keep", type=Path, default=None, help="keep the work directory here")
     parser.add_argument("--skip-floor", action="store_true", help="skip the plain-forward comparison")
