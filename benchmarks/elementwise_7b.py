@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def per_module(methods: list[str], spaces: list[str]) -> None:
-    """In-memory factors (the same distributions), one q_proj-shaped (4096 x 4096) and one up_proj-shaped
-    (11008 x 4096) module per case, 1 thread; process CPU seconds (robust to other load on a shared machine),
-    peak extra RSS; the full set is 32 x (4 x q + 3 x up)."""
+    """In-memory factors (the same distributions), one q_proj-shaped (4096 x 4096), one up_proj-shaped
+    (11008 x 4096) and one down_proj-shaped (4096 x 11008) module per case, 1 thread; process CPU seconds (robust
+    to other load on a shared machine), peak extra RSS; the full set is 32 x (4 x q + 2 x up + 1 x down)."""
     import math
 
     from loramerge.core.adapter import LoraFactors
@@ -225,9 +225,9 @@ def per_module(methods: list[str], spaces: list[str]) -> None:
 
     torch.set_num_threads(1)
     weights = tuple(adapter_weights(N))
-    print("| method | space | q_proj CPU s | up_proj CPU s | full set CPU s (1 core) | full set, 1 core | "
-          "peak extra RSS MiB | trunc. err (up_proj) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | space | q_proj CPU s | up_proj CPU s | down_proj CPU s | full set CPU s (1 core) | full set, 1 core | "
+          "peak extra RSS MiB | trunc. err (down_proj) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for method in methods:
         for space in spaces:
             if space == "core" and method == "della":
@@ -236,7 +236,7 @@ def per_module(methods: list[str], spaces: list[str]) -> None:
             cfg = spec.make_config(METHODS.get(method, {}))
             fn = method_function(spec, space)
             times, peak, err = [], 0.0, float("nan")
-            for d_out, d_in in ((4096, 4096), (11008, 4096)):
+            for d_out, d_in in ((4096, 4096), (11008, 4096), (4096, 11008)):
                 gen = torch.Generator().manual_seed(d_out)
                 factors = tuple(LoraFactors(A=torch.randn(RANK, d_in, generator=gen) / math.sqrt(d_in),
                                             B=torch.randn(d_out, RANK, generator=gen) * 0.02) for _ in range(N))
@@ -254,9 +254,9 @@ def per_module(methods: list[str], spaces: list[str]) -> None:
                 peak = max(peak, (_kib("VmHWM") - before) / 1024)
                 err = out.rel_error
                 del result, out, factors, inputs
-            full = FULL_LAYERS * (4 * times[0] + 3 * times[1])
-            print(f"| {method} | {space} | {times[0]:.2f} | {times[1]:.2f} | {full:.0f} | {full / 60:.1f} min | "
-                  f"{peak:.0f} | {err:.2f} |", flush=True)
+            full = FULL_LAYERS * (4 * times[0] + 2 * times[1] + times[2])
+            print(f"| {method} | {space} | {times[0]:.2f} | {times[1]:.2f} | {times[2]:.2f} | {full:.0f} | "
+                  f"{full / 60:.1f} min | {peak:.0f} | {err:.2f} |", flush=True)
 
 
 def peft_sample(targets: tuple[str, ...] = ("q_proj",)) -> None:

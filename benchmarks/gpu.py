@@ -171,7 +171,8 @@ def make_engine(backend: str, adapter_root: Path, base_dir: Path, model, args: a
         from loramerge.serving.engine import VLLMEngine, VLLMSettings
 
         settings = VLLMSettings(model=str(base_dir), max_lora_rank=max_rank, max_loras=8, max_cpu_loras=64,
-                                dtype="float32" if args.tiny else "bfloat16", max_model_len=256,
+                                dtype="float32" if args.tiny else "bfloat16",
+                                max_model_len=128 if args.tiny else 256,  # the tiny Llama has 128 positions
                                 enforce_eager=args.tiny)
         return VLLMEngine(composer, settings)
     from loramerge.serving.engine import PeftEngine, load_tokenizer

@@ -15,6 +15,7 @@ import torch
 
 from loramerge.core.adapter import LoraFactors
 from loramerge.core.ops import generator_for
+from loramerge.core.streams import UniformStream
 from loramerge.merging.methods import Dense, Factored, ModuleInputs, get_method
 
 WEIGHTS = (1.0, 0.6, 0.8)
@@ -140,12 +141,13 @@ def test_dare_is_seeded_and_unbiased():
     assert float(torch.linalg.norm(total / 300 - expected) / torch.linalg.norm(expected)) < 0.1
 
 
-def ref_magprune(tau: torch.Tensor, density: float, eps: float, gen: torch.Generator) -> torch.Tensor:
-    """DELLA MAGPRUNE: per row, ascending magnitude rank i -> p_i = d - eps + 2 eps i / (n - 1)."""
+def ref_magprune(tau: torch.Tensor, density: float, eps: float, stream: UniformStream) -> torch.Tensor:
+    """DELLA MAGPRUNE: per row, ascending magnitude rank i -> p_i = d - eps + 2 eps i / (n - 1); entries of equal
+    magnitude ranked by column (float32 products do tie now and then)."""
     n = tau.shape[1]
-    ranks = torch.argsort(torch.argsort(tau.abs(), dim=1), dim=1).float()
+    ranks = torch.argsort(torch.argsort(tau.abs(), dim=1, stable=True), dim=1).float()
     probs = density - eps + 2 * eps * ranks / (n - 1)
-    keep = torch.bernoulli(probs, generator=gen).bool()
+    keep = stream.fill_(torch.empty_like(probs)) < probs  # Bernoulli(probs), drawn whole in memory order
     return torch.where(keep, tau / probs, torch.zeros_like(tau))
 
 
@@ -153,7 +155,7 @@ def ref_magprune(tau: torch.Tensor, density: float, eps: float, gen: torch.Gener
 def test_della_matches_the_paper(elect):
     inputs = make_inputs()
     pruned = torch.stack([
-        ref_magprune(t, 0.7, 0.1, generator_for(inputs.seed, "della", inputs.name, n))
+        ref_magprune(t, 0.7, 0.1, UniformStream.for_parts(inputs.seed, "della", inputs.name, n))
         for t, n in zip(task_vectors(inputs), inputs.adapter_names)
     ])
     if elect:

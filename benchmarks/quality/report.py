@@ -138,6 +138,13 @@ def finetune_section(r: dict) -> str:
                      _ci(ft["test"], stats.wilson(sum(ft["test_correct"]), n)), _pct(ft["val"]),
                      f"{100 * gain:+.1f}" + ("" if gain >= GATE else " **< 20**"),
                      f"{train.get('seconds', 0):.0f}" if train else "cached"])
+    for t, old in (r.get("replaced") or {}).items():
+        base, ft, info = old.get("base") or {}, old.get("finetuned") or {}, old["task"]
+        if base and ft:
+            gain = ft["test"] - max(base["test"], base["majority"])
+            rows.append([f"~~{t}~~ (replaced)", info["family"], f"`{info['name']}`", str(info["options"]),
+                         _pct(base["chance"]), f"{_pct(base['majority'])} ({base['majority_label']})",
+                         _pct(base["test"]), _pct(ft["test"]), _pct(ft["val"]), f"{100 * gain:+.1f} **< 20**", "-"])
     gate = ("Every task clears the gate (fine-tuned test accuracy >= 20 points above both the base model and the "
             "majority class)." if not fails else f"**Below the 20-point gate: {', '.join(fails)}** (replace them: "
             "see `benchmarks/quality/tasks.py` for the fallbacks).")

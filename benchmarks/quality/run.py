@@ -51,6 +51,23 @@ def open_results(path: Path, settings: Settings) -> Results:
     return results
 
 
+def retire_dropped_tasks(results, current: set[str]) -> None:
+    """Move the records of tasks no longer in the run (replaced for failing the fine-tuning gate) out of the
+    sections every average reads, into ``replaced``: the report still shows why they were dropped."""
+    for task, info in (results.get("tasks") or {}).items():
+        if task in current:
+            continue
+        record = {"task": info, "base": (results.get("base") or {}).get(task),
+                  "finetuned": (results.get("finetuned", "lora") or {}).get(task),
+                  "training": (results.get("training", "lora") or {}).get(task)}
+        results.put("replaced", task, value=record)
+        for keys in (("base",), ("finetuned", "lora"), ("training", "lora")):
+            section = results.get(*keys)
+            if isinstance(section, dict) and task in section:
+                del section[task]
+                results.put(*keys, value=section)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=Settings.threads)
@@ -111,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     model_path = plain_model_dir()
     tasks = timed("load_tasks", load_task_data, list(settings.tasks or TASKS), n_train=settings.n_train,
                   n_val=settings.n_val, n_test=settings.n_test, seed=settings.seed)
+    retire_dropped_tasks(results, {d.short for d in tasks})
     results.put("tasks", value={d.short: {"name": d.name, "family": d.family, "options": d.n_options,
                                           "train": len(d.train), "val": len(d.val), "test": len(d.test)}
                                 for d in tasks})

@@ -104,8 +104,11 @@ SPECS: dict[str, TaskSpec] = {s.short: s for s in (
     TaskSpec("navigate", "navigate", "spatial reasoning",
              _choice("Do you return to the starting point? True or False:")),
 )}
-TASKS: tuple[str, ...] = ("intent", "sentiment", "nli", "adj_order", "color", "sports")
-"""The six tasks of the benchmark (keys of ``SPECS``); ``facts`` and ``navigate`` are the measured fallbacks."""
+TASKS: tuple[str, ...] = ("intent", "sentiment", "facts", "adj_order", "color", "sports")
+"""The six tasks of the benchmark (keys of ``SPECS``). ``nli`` (epistemic_reasoning) was replaced by its
+fallback ``facts`` on 2026-11-30: its all-layer LoRA reached 59.3% test accuracy against 52.0% for the base
+model and a 59.0% majority class (the gate asks 20 points above both), in the settings' 200 steps.
+``navigate`` is the remaining measured fallback."""
 
 
 @dataclass(frozen=True)

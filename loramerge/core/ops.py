@@ -10,7 +10,10 @@ import hashlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+
+from loramerge.core.threads import scratch
 
 CHUNK_ELEMENTS = 1 << 18
 """Entries per chunk in the element-wise passes (1 MiB of float32). Working chunk by chunk keeps each step's
@@ -192,21 +195,63 @@ def bernoulli_mask(shape: torch.Size, density: float, generator: torch.Generator
 _SAME_ORDER_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
-def magprune_keep_probs(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def magprune_keep_probs(x: torch.Tensor, density: float, epsilon: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """DELLA's MAGPRUNE: per row, keep probability rises linearly with magnitude rank.
 
-    Entry with ascending rank rho in a row of n gets p = (density - eps) + 2 eps rho / (n - 1).
+    Entry with ascending rank rho in a row of n gets p = (density - eps) + 2 eps rho / (n - 1). Entries of equal
+    magnitude in a row are ranked by column (the paper leaves ties open; a plain argsort breaks them arbitrarily).
+    ``out``: where to write the probabilities (x's shape and dtype).
     """
     n = x.shape[-1]
+    step = 2.0 * epsilon / max(n - 1, 1)
+    if _packs(x):
+        table = (density - epsilon) + torch.arange(n).to(x.dtype) * step  # the probability of each rank
+        probs = torch.empty_like(x) if out is None else out
+        return probs.scatter_(-1, row_order(x, scratch("row_order", tuple(x.shape), torch.int64)), table.expand_as(x))
     magnitude = x.abs()
     if magnitude.dtype in _SAME_ORDER_INT and magnitude.device.type == "cpu":
         # non-negative floats sort like their bit patterns as integers, and integer sorts are faster on CPU
         magnitude = magnitude.view(_SAME_ORDER_INT[magnitude.dtype])
-    order = torch.argsort(magnitude, dim=-1)
+    order = torch.argsort(magnitude, dim=-1, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(n, device=x.device).expand_as(order))
-    step = 2.0 * epsilon / max(n - 1, 1)
-    return (density - epsilon) + ranks.to(x.dtype) * step
+    probs = (density - epsilon) + ranks.to(x.dtype) * step
+    return probs if out is None else out.copy_(probs)
+
+
+def _packs(x: torch.Tensor) -> bool:
+    """Whether ``row_order`` applies: a contiguous 2-D float32 CPU tensor whose rows fit 32 bits of index."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
+            and not x.requires_grad and x.shape[-1] <= 1 << 32)
+
+
+def row_order(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the columns in ascending order of ``|x|``, ties by column: ``argsort`` of a float32 matrix by a
+    sort of values only, about 4x faster on CPU.
+
+    The magnitude's bits (non-negative floats order like their bit patterns as integers, in 31 bits) go above the
+    column index (``ceil(log2 n)`` bits) in one int64 key; numpy's vectorised sort of the keys (no index array to
+    carry) leaves the order in the low bits. Works in place in ``out`` (int64, x's shape) when given.
+    """
+    n = x.shape[-1]
+    bits = max(1, (n - 1).bit_length())
+    key = (torch.empty(x.shape, dtype=torch.int64) if out is None else out).numpy()
+    np.bitwise_and(x.numpy().view(np.int32), 0x7FFFFFFF, out=key, dtype=np.int64)  # |x|'s bits, widened
+    np.left_shift(key, bits, out=key)
+    np.bitwise_or(key, np.arange(n, dtype=np.int64), out=key)
+    key.sort(axis=-1)
+    np.bitwise_and(key, (1 << bits) - 1, out=key)
+    return torch.from_numpy(key) if out is None else out
+
+
+def keep_band(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``x`` where ``lo <= |x| <= hi``, zero elsewhere, as a new tensor (Breadcrumbs' band), by two vectorised
+    ``hardshrink`` passes and a subtraction (boolean masks are several times slower per entry on CPU)."""
+    low = shrink_below(x, lo)  # |x| >= lo kept
+    if math.isinf(hi) or x.dtype not in (torch.float32, torch.float64):
+        return low.masked_fill(low.abs() > hi, 0.0)
+    band = low - torch.nn.functional.hardshrink(low, hi)  # x - x = +0.0 where |x| > hi, x - 0 = x where kept
+    return band
 
 
 def band_mask(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -273,7 +318,15 @@ def product_sample_abs(B: torch.Tensor, A: torch.Tensor, count: int, generator: 
     """``|B @ A|`` at ``count`` uniformly drawn positions, from the factors (O(count * r))."""
     rows = torch.randint(B.shape[0], (count,), generator=generator).to(B.device)
     cols = torch.randint(A.shape[1], (count,), generator=generator).to(B.device)
-    return (B[rows] * A.T.contiguous()[cols]).sum(1).abs_()
+    # index_select: the same rows as B[rows], several times faster than advanced indexing on CPU
+    return (B.index_select(0, rows) * A.T.contiguous().index_select(0, cols)).sum(1).abs_()
+
+
+def _sorted(x: torch.Tensor) -> torch.Tensor:
+    """``x.sort().values``; by numpy's vectorised sort on the CPU (over 10x faster there)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.sort(x.numpy()))
+    return x.sort().values
 
 
 def kth_smallest_abs_of_product(B: torch.Tensor, A: torch.Tensor, ranks: list[int]) -> list[float]:
@@ -288,7 +341,7 @@ def kth_smallest_abs_of_product(B: torch.Tensor, A: torch.Tensor, ranks: list[in
     if n <= 4 * _SAMPLE:
         full = (B @ A).abs_().reshape(-1)
         return [float(torch.kthvalue(full, r).values) for r in ranks]
-    sample = product_sample_abs(B, A, _SAMPLE, torch.Generator().manual_seed(0)).sort().values
+    sample = _sorted(product_sample_abs(B, A, _SAMPLE, torch.Generator().manual_seed(0)))
     margin = 4.0 * math.sqrt(_SAMPLE) + 8.0
     brackets = []
     for r in ranks:
@@ -307,15 +360,27 @@ def _bracketed_kth(B: torch.Tensor, A: torch.Tensor, ranks: list[int], brackets:
     """One blocked pass: per bracket (lo, hi), the number of entries with |x| <= lo and the entries with
     lo < |x| <= hi; then the answer by kthvalue on those, or None where the rank is outside the bracket.
 
-    Float operations only (``hardshrink`` keeps |x| > lambd): comparisons producing booleans are several times
-    slower per entry on CPU."""
+    On the CPU the counting and selecting run in numpy (vectorised comparisons and a compress: about 3x faster
+    per entry than torch's boolean indexing); elsewhere in torch, with float operations only (``hardshrink``
+    keeps |x| > lambd)."""
     below = [0] * len(ranks)
     inside: list[list[torch.Tensor]] = [[] for _ in ranks]
     buf = torch.empty(BLOCK_ELEMENTS + A.shape[1], dtype=torch.promote_types(B.dtype, A.dtype), device=B.device)
+    on_cpu = buf.device.type == "cpu" and buf.dtype in (torch.float32, torch.float64)
+    magnitude = np.empty(buf.numel(), dtype=buf.numpy().dtype) if on_cpu else None
     hardshrink = torch.nn.functional.hardshrink
     for rows in row_blocks(B.shape[0], A.shape[1]):
         block = buf[: (rows.stop - rows.start) * A.shape[1]].view(rows.stop - rows.start, A.shape[1])
         d = torch.matmul(B[rows], A, out=block).view(-1)
+        if magnitude is not None:
+            a = np.abs(d.numpy(), out=magnitude[: d.numel()])
+            for i, (lo, hi) in enumerate(brackets):
+                keep = a > lo
+                below[i] += a.size - int(np.count_nonzero(keep))
+                if math.isfinite(hi):
+                    keep &= a <= hi
+                inside[i].append(torch.from_numpy(a[keep]))
+            continue
         for i, (lo, hi) in enumerate(brackets):
             above_lo = hardshrink(d, lo) if lo > 0 else d.clone()
             below[i] += d.numel() - int(torch.count_nonzero(above_lo.bool()))  # count_nonzero on floats is branchy

@@ -73,18 +73,10 @@ class DeltaSource:
 
 
 def delta_source(obj: Any, *, allow_pickle: bool = False) -> DeltaSource:
-    """Accept an adapter path / hub id, a loaded ``LoraAdapter`` or a ``MergeResult``."""
-    from loramerge.merging.engine import MergeResult
-
-    if isinstance(obj, MergeResult):
-        factors = obj.factors()
-        inputs = [a.source.local_path for a in obj.adapters] + ([obj.output] if obj.output else [])
-        names = ", ".join(a.name for a in obj.adapters)
-        return DeltaSource(
-            kinds={n: f.kind for n, f in factors.items()}, read=factors.__getitem__,
-            fan_in_fan_out=bool(obj.config.get("fan_in_fan_out")), inputs=inputs,
-            label=f"{obj.method.name} merge of {names}", base_model=obj.config.get("base_model_name_or_path"),
-        )
+    """Accept an adapter path / hub id, a loaded ``LoraAdapter``, or anything with a ``delta_source()`` method
+    (a ``MergeResult`` describes itself: io never imports the merge engine)."""
+    if callable(getattr(obj, "delta_source", None)):
+        return obj.delta_source()
     adapter = obj if isinstance(obj, LoraAdapter) else load_adapter(obj, allow_pickle=allow_pickle)
     return DeltaSource(
         kinds={n: m.kind for n, m in adapter.modules.items()}, read=adapter.factors,

@@ -21,6 +21,7 @@ from loramerge.core.factored import Compressed, RankPolicy, compress_dense, comp
 from loramerge.core.ops import derive_seed
 from loramerge.core.progress import progress_bar
 from loramerge.errors import NumericalError, RecipeError
+from loramerge.io.bake import DeltaSource
 from loramerge.io.writer import OutputModule, check_output_path
 from loramerge.merging.methods import Dense, MergeMethod, MethodConfig, ModuleInputs, get_method
 from loramerge.merging.methods.catalog import FACTORWISE_METHODS
@@ -232,6 +233,17 @@ class MergeResult:
 
     def factors(self) -> dict[str, LoraFactors]:
         return {m.name: LoraFactors(A=m.A, B=m.B, kind=m.kind) for m in self.modules}
+
+    def delta_source(self) -> DeltaSource:
+        """What ``bake`` reads from this merge: its factors (scale folded into B) and where they came from."""
+        factors = self.factors()
+        return DeltaSource(
+            kinds={n: f.kind for n, f in factors.items()}, read=factors.__getitem__,
+            fan_in_fan_out=bool(self.config.get("fan_in_fan_out")),
+            inputs=[a.source.local_path for a in self.adapters] + ([self.output] if self.output else []),
+            label=f"{self.method.name} merge of {', '.join(a.name for a in self.adapters)}",
+            base_model=self.config.get("base_model_name_or_path"),
+        )
 
     def save(self, output: str | Path, *, force: bool = False) -> Path:
         """Write the merged adapter atomically (kept for the API; the work is ``loramerge.io.merged.save``)."""

@@ -10,12 +10,17 @@ matrix. The non-default TIES options (``merge_func: max``, ``majority_sign: freq
 below. The result goes back to low rank through the rank policy. User weights multiply the task vectors before
 the method sees them (``tau_t = w_t * B_t A_t``), so with unit weights each
 function is the paper's algorithm on that module.
+
+On the CPU the work is shared among torch's intra-op threads (``core/threads.py``), each task on one thread: the
+per-adapter order statistics run for several adapters at once, and per block the adapters are sparsified at
+once, then the block is fused in one piece per thread. Every entry's arithmetic (and every adapter's random
+stream) is the same whatever the thread count, so the result is too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from pydantic import Field, model_validator
@@ -26,6 +31,7 @@ from loramerge.core.ops import (
     elect_sign_int8,
     flat_chunks,
     generator_for,
+    keep_band,
     kth_smallest_abs_of_product,
     magprune_keep_probs,
     random_drop_,
@@ -36,8 +42,11 @@ from loramerge.core.ops import (
     topk_threshold_of_product,
     zero_below_,
 )
+from loramerge.core.streams import UniformStream
+from loramerge.core.threads import cpu_workers, parallel_map, scratch, split_range
 from loramerge.merging.methods.base import Dense, MethodConfig, ModuleInputs
 
+T = TypeVar("T")
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(adapter position, weighted dense delta) -> the sparsified, possibly rescaled delta."""
 
@@ -105,24 +114,38 @@ BlockSparsifier = Callable[[int, torch.Tensor, slice], torch.Tensor]
 
 
 class _Blocks:
-    """Row blocks of each adapter's weighted product ``w_t B_t A_t``, formed into one reused buffer."""
+    """Row blocks of each adapter's weighted product ``w_t B_t A_t``, each adapter's formed into its own reused
+    buffer (so that the adapters of a block can be worked on at once)."""
 
     def __init__(self, inputs: ModuleInputs) -> None:
         f0 = inputs.factors[0]
+        self.n = len(inputs.factors)
         self.shape = (f0.B.shape[0], f0.A.shape[1])
         self.dtype = f0.B.dtype
         self.device = f0.B.device
         self.B = [f.B * w for f, w in inputs.weighted()]  # d_out x r: weights folded in (small)
         self.A = [f.A for f in inputs.factors]
         self.rows = row_blocks(*self.shape)
-        self._buf = torch.empty(BLOCK_ELEMENTS + self.shape[1], dtype=self.dtype, device=self.device)
-
-    def scratch(self, rows: slice, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.empty((rows.stop - rows.start, self.shape[1]), dtype=dtype or self.dtype, device=self.device)
+        self.workers = cpu_workers(self.device)
+        self._bufs: dict[int, torch.Tensor] = {}
 
     def block(self, t: int, rows: slice) -> torch.Tensor:
-        out = self._buf[: (rows.stop - rows.start) * self.shape[1]].view(rows.stop - rows.start, self.shape[1])
+        if t not in self._bufs:
+            self._bufs[t] = torch.empty(BLOCK_ELEMENTS + self.shape[1], dtype=self.dtype, device=self.device)
+        out = self._bufs[t][: (rows.stop - rows.start) * self.shape[1]].view(rows.stop - rows.start, self.shape[1])
         return torch.matmul(self.B[t][rows], self.A[t], out=out)
+
+    def sparsified(self, sparsify: BlockSparsifier, rows: slice) -> list[torch.Tensor]:
+        """Every adapter's sparsified block of these rows, flattened, the adapters shared among the workers.
+        Each adapter's blocks are still sparsified one after another in row order (its random stream, if any,
+        is drawn in memory order)."""
+        return parallel_map(lambda t: sparsify(t, self.block(t, rows), rows).reshape(-1), range(self.n), self.workers)
+
+    def pieces(self, rows: slice) -> list[slice]:
+        """The flat entries of a row block, in one contiguous piece per worker (pieces of at least 32 Ki entries:
+        smaller ones would cost more in Python than in arithmetic on machines with many cores)."""
+        n = (rows.stop - rows.start) * self.shape[1]
+        return split_range(n, min(self.workers, max(1, n >> 15)))
 
 
 def row_basis(inputs: ModuleInputs) -> torch.Tensor:
@@ -131,19 +154,28 @@ def row_basis(inputs: ModuleInputs) -> torch.Tensor:
     return torch.linalg.qr(A_cat.T, mode="reduced")[0]
 
 
+def per_adapter(fn: Callable[[torch.Tensor, torch.Tensor], T], inputs: ModuleInputs) -> list[T]:
+    """``[fn(w_t B_t, A_t) for each adapter]``, the adapters shared among the CPU workers."""
+    pairs = [(f.B * w, f.A) for f, w in inputs.weighted()]
+    return parallel_map(lambda pair: fn(*pair), pairs, cpu_workers(inputs.factors[0].B.device))
+
+
 def _blocked_sum(inputs: ModuleInputs, sparsify: BlockSparsifier, scale: float) -> torch.Tensor:
     """``scale * sum_t sparsify(w_t B_t A_t)``, block by block (adapters summed in order, as a dense loop would)."""
     blocks = _Blocks(inputs)
     out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
     for rows in blocks.rows:
-        acc = out[rows]
-        for t in range(len(inputs.factors)):
-            d = sparsify(t, blocks.block(t, rows), rows)
-            if t == 0:
-                acc.copy_(d)
-            else:
-                acc.add_(d)
-        acc.mul_(scale)
+        ds = blocks.sparsified(sparsify, rows)
+        target = out[rows].view(-1)
+
+        def add(piece: slice, ds: list[torch.Tensor] = ds, target: torch.Tensor = target) -> None:
+            acc = target[piece]
+            acc.copy_(ds[0][piece])
+            for d in ds[1:]:
+                acc.add_(d[piece])
+            acc.mul_(scale)
+
+        parallel_map(add, blocks.pieces(rows), blocks.workers)
     return out
 
 
@@ -160,18 +192,23 @@ def _blocked_sign_resolved(
     (mass minus positive sum) over its count: exactly the disjoint mean (or sum) of the entries that agree with
     the elected sign. Only float operations run per adapter and entry (boolean comparisons are several times
     slower on CPU). Entries whose mass is exactly zero while some entry is not (an exact cancellation) take the
-    sign of the whole mass's sum, known only at the end: they are recorded and filled in then.
+    sign of the whole mass's sum, known only at the end: they are recorded and filled in then. The adapters of a
+    block are sparsified by the workers at once, then each worker fuses its piece of the block (every entry's
+    arithmetic is the same whatever the number of workers).
     """
     blocks = _Blocks(inputs)
     out = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device)
+    flat_out = out.view(-1)
     by_weight = denominator == "weight"
-    pending: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    alphas = [abs(w) if by_weight else 1.0 for w in inputs.weights]
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     total = 0.0
-    for rows in blocks.rows:
-        mass, pos, signs, nonzero = (blocks.scratch(rows) for _ in range(4))
-        for t in range(len(inputs.factors)):
-            d = sparsify(t, blocks.block(t, rows), rows)
-            alpha = abs(inputs.weights[t]) if by_weight else 1.0
+
+    def fuse(ds: list[torch.Tensor], piece: slice, target: torch.Tensor) -> tuple[float, tuple | None]:
+        size = piece.stop - piece.start
+        mass, pos, signs, nonzero = (torch.empty(size, dtype=blocks.dtype, device=blocks.device) for _ in range(4))
+        for t, block in enumerate(ds):
+            d, alpha = block[piece], alphas[t]
             s = torch.sign(d)
             if t == 0:
                 mass.copy_(d)
@@ -182,8 +219,8 @@ def _blocked_sign_resolved(
             mass.add_(d)
             pos.add_(d.clamp(min=0.0))
             signs.add_(s, alpha=alpha)
-            nonzero.add_(s.abs_(), alpha=alpha)
-        total += float(mass.sum(dtype=torch.float64))
+            nonzero.addcmul_(s, s, value=alpha)  # |s| = s * s: one pass instead of abs and add
+        mass_sum = float(mass.sum(dtype=torch.float64))
         elected = torch.sign(mass)
         tied = (1.0 - elected.abs()).mul_(nonzero)  # > 0 where the mass is 0 but some entry is not
         neg = mass.sub_(pos)
@@ -195,13 +232,24 @@ def _blocked_sign_resolved(
             neg.div_(n_neg.clamp_(min=floor))
         positive = elected.clamp(min=0.0)  # 1 where the mass is positive
         negative = elected.abs_().sub_(positive)  # 1 where it is negative
-        target = out[rows]
         torch.mul(pos, positive, out=target).add_(neg * negative).mul_(scale)
         if float(tied.sum()) > 0:  # tied >= 0; a sum is far cheaper than any() on CPU
             mask = tied.bool()
-            pending.append((rows, mask, pos[mask].clone(), neg[mask].clone()))
-    for rows, tied, pos_values, neg_values in pending:
-        out[rows][tied] = scale * (pos_values if total >= 0 else neg_values)
+            return mass_sum, (target, mask, pos[mask].clone(), neg[mask].clone())
+        return mass_sum, None
+
+    for rows in blocks.rows:
+        ds = blocks.sparsified(sparsify, rows)
+        offset = rows.start * blocks.shape[1]
+        pieces = blocks.pieces(rows)
+        fused = parallel_map(lambda p, ds=ds, offset=offset: fuse(ds, p, flat_out[offset + p.start:offset + p.stop]),
+                             pieces, blocks.workers)
+        for mass_sum, tie in fused:
+            total += mass_sum
+            if tie is not None:
+                pending.append(tie)
+    for target, tied, pos_values, neg_values in pending:
+        target[tied] = scale * (pos_values if total >= 0 else neg_values)
     return out
 
 
@@ -215,7 +263,7 @@ class TiesConfig(MethodConfig):
 def ties(cfg: TiesConfig, inputs: ModuleInputs) -> Dense:
     """TIES: trim each task vector to its top-k magnitudes, elect signs by mass, disjoint mean."""
     if cfg.majority_sign == "total" and cfg.merge_func != "max":
-        thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
+        thresholds = per_adapter(lambda B, A: topk_threshold_of_product(B, A, cfg.density), inputs)
 
         def trim_block(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
             return d if thresholds[t] is None else shrink_below(d, thresholds[t])
@@ -302,13 +350,18 @@ class DellaConfig(MethodConfig):
 
 def della(cfg: DellaConfig, inputs: ModuleInputs) -> Dense:
     """DELLA (MAGPRUNE): magnitude-ranked keep probabilities per row, 1/p rescale, elect, weighted fuse."""
-    device = inputs.factors[0].B.device
-    gens = [generator_for(inputs.seed, "della", inputs.name, name, device=device) for name in inputs.adapter_names]
+    streams = [UniformStream.for_parts(inputs.seed, "della", inputs.name, name) for name in inputs.adapter_names]
 
     def magprune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
-        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon)  # per row: a block of rows is enough
-        keep = torch.bernoulli(probs, generator=gens[t]).bool()
-        return torch.where(keep, d / probs, 0.0)
+        shape = tuple(d.shape)
+        # per row: a block of rows is enough
+        probs = magprune_keep_probs(d, cfg.density, cfg.epsilon, out=scratch("della_p", shape, d.dtype, d.device))
+        # Bernoulli(p) draws as u < p, u from the adapter's stream in memory order (torch.rand's float32 grid, from
+        # a faster generator than torch's: the stream is not torch.bernoulli's), with float operations:
+        # probs - u > 0 exactly when u < probs; d * 1 / p where kept, +-0 where dropped
+        u = streams[t].fill_(scratch("della_u", shape, d.dtype, d.device))
+        keep = torch.sub(probs, u, out=u).sign_().clamp_(min=0.0)
+        return d.mul_(keep).div_(probs)
 
     if not cfg.elect_sign:
         return Dense(_blocked_sum(inputs, magprune, cfg.lambda_), basis=row_basis(inputs))
@@ -334,21 +387,20 @@ def breadcrumbs(cfg: BreadcrumbsConfig, inputs: ModuleInputs) -> Dense:
     n = f0.d_out * f0.d_in
     n_top, n_keep = int(cfg.gamma * n), int(cfg.density * n)
     lowest = n - n_top - n_keep + 1  # ascending rank of the smallest entry kept (as ``ops.band_mask``)
-    bands: list[tuple[float, float] | None] = []
-    for f, w in inputs.weighted():
+
+    def band_of(B: torch.Tensor, A: torch.Tensor) -> tuple[float, float] | None:
         if n_keep <= 0 or n_top >= n:
-            bands.append(None)
-            continue
+            return None
         ranks = [n - n_top] + ([lowest] if lowest > 1 else [])
-        values = kth_smallest_abs_of_product(f.B * w, f.A, ranks)
-        bands.append((values[1] if lowest > 1 else 0.0, values[0]))
+        values = kth_smallest_abs_of_product(B, A, ranks)
+        return (values[1] if lowest > 1 else 0.0, values[0])
+
+    bands = per_adapter(band_of, inputs)
 
     def band(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
         if bands[t] is None:
             return d.zero_()
-        lo, hi = bands[t]
-        a = d.abs()
-        return d.mul_((a <= hi) & (a >= lo))
+        return keep_band(d, *bands[t])
 
     if cfg.sign_election:
         return Dense(_blocked_sign_resolved(inputs, band, "mean", cfg.lambda_), basis=row_basis(inputs))
@@ -362,7 +414,7 @@ class MagnitudePruneConfig(MethodConfig):
 
 def magnitude_prune(cfg: MagnitudePruneConfig, inputs: ModuleInputs) -> Dense:
     """Keep each task vector's largest entries, then weighted sum."""
-    thresholds = [topk_threshold_of_product(f.B * w, f.A, cfg.density) for f, w in inputs.weighted()]
+    thresholds = per_adapter(lambda B, A: topk_threshold_of_product(B, A, cfg.density), inputs)
 
     def prune(t: int, d: torch.Tensor, rows: slice) -> torch.Tensor:
         return d if thresholds[t] is None else shrink_below(d, thresholds[t])
