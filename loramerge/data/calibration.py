@@ -10,9 +10,10 @@ what the data-informed methods need (docs/ARCHITECTURE.md, README "Merging with 
   Fisher); the input factor ``E[x^2]`` is the Gram's diagonal. ``F ~ E[g^2] E[x^2]^T`` assumes
   gradients and inputs independent across a token's coordinates: an approximation, said in the manifest.
 
-Statistics come from each adapter's own fine-tuned model (``source="adapter"``: the LoRA delta is added by
-forward hooks, the papers' choice) or from the base model (``source="base"``). Hooks accumulate each batch's
-``X^T X`` (float32 matmul) into float64 sums; activations are never kept beyond the batch. Texts longer than the
+Statistics come from each adapter's own fine-tuned model (``source="adapter"``: ``W0 + B A`` for the pass, the papers'
+choice) or from the base model (``source="base"``). Hooks accumulate each batch's
+``X^T X`` (float32 matmul, upper triangle) into float32 partial sums added into float64 totals every few batches
+(loramerge.data.accumulate); activations are never kept beyond the batch. Texts longer than the
 context (or ``max_length``) are truncated, counted in the manifest and reported with a warning.
 """
 
@@ -24,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from torch import nn
 from loramerge.core.adapter import LoraAdapter, load_adapter
 from loramerge.core.names import parse_pair
 from loramerge.core.progress import progress_bar
+from loramerge.data.accumulate import GramAccumulator, adapted
 from loramerge.data.examples import fingerprint, read_examples
 from loramerge.errors import BaseModelError, DataError, NumericalError
 from loramerge.version import __version__
@@ -86,7 +88,8 @@ def model_fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     for name in modules:
         w = model.get_submodule(name).weight.detach()
         digest.update(name.encode())
-        digest.update(repr((float(w.double().sum()), float(w.double().square().sum()))).encode())
+        wd = w.double()
+        digest.update(repr((float(wd.sum()), float(wd.square().sum()))).encode())
         digest.update(w.reshape(-1)[:256].float().numpy().tobytes())
     return digest.hexdigest()
 
@@ -106,73 +109,10 @@ def context_length(model: nn.Module, max_length: int | None) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Accumulator:
-    """Float64 sums for one adapter's pass; ``inputs`` maps each module to the module whose Gram it shares."""
-
-    modules: Sequence[str]
-    fisher: bool
-    inputs: dict[str, str] = field(default_factory=dict)
-    grams: dict[str, torch.Tensor] = field(default_factory=dict)
-    out_sq: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: int = 0
-    mask: torch.Tensor | None = None  # the current batch's flat token mask
-    _seen: dict[int, tuple[str, torch.Tensor]] = field(default_factory=dict)
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1])[self.mask].float()
-
-    def pre_hook(self, name: str):
-        def hook(module, args):
-            x = args[0]
-            owner = self.inputs.get(name)
-            if owner is None:  # first batch: the first module to see a tensor owns its Gram
-                seen = self._seen.get(id(x))
-                if seen is not None and seen[1] is x:
-                    self.inputs[name] = seen[0]
-                    return None
-                self._seen[id(x)] = (name, x)
-                self.inputs[name] = owner = name
-            if owner != name:
-                return None
-            rows = self.rows(x)
-            gram = (rows.T @ rows).double()
-            if name in self.grams:
-                self.grams[name] += gram
-            else:
-                self.grams[name] = gram
-            return None
-        return hook
-
-    def out_hook(self, name: str):
-        def hook(module, args, output):
-            if output.requires_grad:
-                output.register_hook(lambda g: self._add_out(name, g))
-            return None
-        return hook
-
-    def _add_out(self, name: str, g: torch.Tensor) -> None:
-        sq = self.rows(g).square().sum(0).double()
-        self.out_sq[name] = self.out_sq[name] + sq if name in self.out_sq else sq
-
-    def new_batch(self, mask: torch.Tensor) -> None:
-        self._seen.clear()
-        self.mask = mask.reshape(-1).bool()
-        self.tokens += int(self.mask.sum())
-
-
-def _delta_hook(A: torch.Tensor, B: torch.Tensor):
-    def hook(module, args, output):
-        return output + (args[0].to(A.dtype) @ A.T) @ B.T
-    return hook
-
-
 @contextlib.contextmanager
-def _hooks(model: nn.Module, acc: _Accumulator, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator:
+def _hooks(model: nn.Module, acc: GramAccumulator) -> Iterator:
     handles = []
     try:
-        for name, (A, B) in deltas.items():  # the adapter first, so the Fisher hook sees the adapted output
-            handles.append(model.get_submodule(name).register_forward_hook(_delta_hook(A, B)))
         for name in acc.modules:
             module = model.get_submodule(name)
             handles.append(module.register_forward_pre_hook(acc.pre_hook(name)))
@@ -182,6 +122,21 @@ def _hooks(model: nn.Module, acc: _Accumulator, deltas: Mapping[str, tuple[torch
     finally:
         for h in handles:
             h.remove()
+
+
+class _Stop(Exception):
+    """Raised after the last module with statistics ran: the rest of the forward is not needed."""
+
+
+def _stop_after(model: nn.Module, acc: GramAccumulator):
+    """A hook ending the forward after the last module that records (None when a module runs twice per pass)."""
+    if not acc.order or len(set(acc.order)) != len(acc.order):
+        return None
+
+    def stop(module, args, output):
+        raise _Stop
+
+    return model.get_submodule(acc.order[-1]).register_forward_hook(stop)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,23 +187,31 @@ def _runner(model: nn.Module, modules: Sequence[str], fisher: bool) -> nn.Module
 def collect(model: nn.Module, tokens: TokenizedTexts, modules: Sequence[str], *, fisher: bool = False,
             deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None, batch_size: int = 8,
             pad_id: int = 0, description: str = "calibrating", show_progress: bool = True,
-            fisher_labels: FisherLabels = "sampled", seed: int = 0) -> _Accumulator:
-    """Run the texts through ``model`` (with ``deltas`` added) and accumulate the statistics of ``modules``."""
+            fisher_labels: FisherLabels = "sampled", seed: int = 0) -> GramAccumulator:
+    """Run the texts through ``model`` (with ``deltas`` added) and accumulate the statistics of ``modules``.
+
+    Without Fisher: the decoder alone (no LM head), in inference mode, each forward ended after the last module
+    that records (measured in the first batch)."""
     generator = torch.Generator().manual_seed(seed)
-    acc = _Accumulator(modules=list(modules), fisher=fisher)
+    acc = GramAccumulator(modules=list(modules), fisher=fisher)
     runner = _runner(model, modules, fisher)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
+    stop = None
     try:
-        with _hooks(model, acc, deltas or {}):
+        with adapted(model, deltas or {}), _hooks(model, acc):  # the adapter first: the Fisher hook sees it
             for ids, mask in progress_bar(_batches(tokens, batch_size, pad_id), description=description,
                                           enabled=show_progress):
                 acc.new_batch(mask)
                 if not fisher:
-                    with torch.no_grad():
-                        runner(input_ids=ids, attention_mask=mask, use_cache=False)
+                    with torch.inference_mode(), contextlib.suppress(_Stop):
+                        runner(input_ids=ids, attention_mask=None if bool(mask.all()) else mask, use_cache=False)
+                    if acc.recording:
+                        acc.recording = False
+                        stop = _stop_after(model, acc)
                     continue
+                acc.recording = False
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 logits = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits
                 targets = ids[:, 1:]
@@ -260,6 +223,8 @@ def collect(model: nn.Module, tokens: TokenizedTexts, modules: Sequence[str], *,
                                                          targets.reshape(-1), ignore_index=-100, reduction="sum")
                 loss.backward()
     finally:
+        if stop is not None:
+            stop.remove()
         for p in params:
             p.requires_grad_(True)
     return acc
@@ -377,9 +342,9 @@ def _calibrate_one(model: nn.Module, tokenizer: Any, adapter: LoraAdapter, examp
                   description=f"calibrating {adapter.name}", show_progress=show_progress, fisher_labels=fisher_labels)
     if acc.tokens == 0:
         raise DataError(f"the texts of '{adapter.name}' hold no tokens", fix="give non-empty texts")
-    tensors = {f"gram:{k}": (v / acc.tokens).float() for k, v in acc.grams.items()}
+    tensors = {f"gram:{k}": v for k, v in acc.means().items()}
     tensors |= {f"fisher_out:{k}": (v / acc.tokens).float() for k, v in acc.out_sq.items()}
-    bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
+    bad = next((k for k, t in tensors.items() if not torch.isfinite(t.sum(dtype=torch.float64))), None)
     if bad is not None:
         raise NumericalError(f"the statistics of adapter '{adapter.name}' hold NaN or Inf", module=bad.split(":")[1],
                              fix="the model produced NaN/Inf activations on these texts: check the adapter and the "

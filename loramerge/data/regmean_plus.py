@@ -23,7 +23,8 @@ from torch import nn
 
 from loramerge.core.adapter import LoraAdapter
 from loramerge.core.progress import progress_bar
-from loramerge.data.calibration import _Accumulator, _batches, _delta_hook, context_length, tokenize
+from loramerge.data.accumulate import GramAccumulator, delta_hook
+from loramerge.data.calibration import _batches, context_length, tokenize
 from loramerge.errors import DataError
 from loramerge.merging.methods.base import Factored, ModuleInputs
 from loramerge.merging.methods.lines import layer_index
@@ -80,7 +81,7 @@ def _blocks(model: nn.Module, modules: Sequence[str]) -> tuple[nn.ModuleList, st
 
 @contextlib.contextmanager
 def _delta_hooks(model: nn.Module, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    handles = [model.get_submodule(n).register_forward_hook(_delta_hook(A, B)) for n, (A, B) in deltas.items()]
+    handles = [model.get_submodule(n).register_forward_hook(delta_hook(A, B)) for n, (A, B) in deltas.items()]
     try:
         yield
     finally:
@@ -139,7 +140,7 @@ def regmean_plus_merge(model: nn.Module, tokenizer: Any, adapters: Sequence[Lora
         block, names = blocks[index], by_block.get(index, [])
         grams, inputs = {}, {}
         for a in adapters:  # this block's inputs: merged blocks below, the task's own adapter in this block
-            acc = _Accumulator(modules=names, fisher=False)
+            acc = GramAccumulator(modules=names, fisher=False)
             own = {m: (f.A, f.B) for m, f in factors[a.name].items() if m in names}
             with _delta_hooks(model, own), _hooks_pre(model, acc):
                 for hidden, kwargs, mask in states[a.name]:
@@ -163,7 +164,7 @@ def regmean_plus_merge(model: nn.Module, tokenizer: Any, adapters: Sequence[Lora
 
 
 @contextlib.contextmanager
-def _hooks_pre(model: nn.Module, acc: _Accumulator):
+def _hooks_pre(model: nn.Module, acc: GramAccumulator):
     handles = [model.get_submodule(n).register_forward_pre_hook(acc.pre_hook(n)) for n in acc.modules]
     try:
         yield

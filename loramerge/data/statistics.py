@@ -22,7 +22,7 @@ import torch
 from loramerge.core.adapter import LoraAdapter
 from loramerge.data.calibration import FORMAT, MANIFEST, calibrate
 from loramerge.data.examples import fingerprint, read_examples
-from loramerge.errors import DataError, NumericalError, RecipeError
+from loramerge.errors import AdapterLoadError, DataError, NumericalError, RecipeError
 
 log = logging.getLogger("loramerge.data.statistics")
 RECALIBRATE = "rerun `loramerge calibrate` for these adapters and data (or point the recipe at matching statistics)"
@@ -130,17 +130,24 @@ class MergeStatistics:
         return key
 
     def _tensor(self, name: str, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+        """One stored tensor by a positioned read (each file opened once, its header parsed once)."""
+        from loramerge.core.safetensors_file import TensorFile, read_header
 
-        record = self.records[name]
-        path = self.stats.directory / record["file"]
-        handle = self._handles.get(name)
-        if handle is None:
-            handle = self._handles[name] = safe_open(str(path), framework="pt")
-        if key not in handle.keys():
+        path = self.stats.directory / self.records[name]["file"]
+        opened = self._handles.get(name)
+        if opened is None:
+            try:
+                opened = self._handles[name] = (TensorFile(path), read_header(path))
+            except AdapterLoadError as exc:
+                raise DataError(f"corrupt statistics file: {exc.message}", path=str(path), fix=RECALIBRATE) from None
+        handle, layout = opened
+        if key not in layout:
             raise DataError(f"'{key}' is missing from the statistics of '{name}'", path=str(path), fix=RECALIBRATE)
-        tensor = handle.get_tensor(key)
-        if not torch.isfinite(tensor).all():
+        try:
+            tensor = handle.read(layout[key])
+        except ValueError as exc:
+            raise DataError(f"could not read '{key}': {exc}", path=str(path), fix=RECALIBRATE) from None
+        if not torch.isfinite(tensor.sum(dtype=torch.float64)):  # NaN or Inf anywhere makes the sum non-finite
             raise NumericalError(f"the calibration statistics of '{name}' hold NaN or Inf", path=str(path),
                                  module=key.split(":", 1)[1], fix=RECALIBRATE)
         return tensor
@@ -155,15 +162,16 @@ class MergeStatistics:
             self.cache.popitem(last=False)
         return value
 
-    def gram(self, name: str, module: str) -> torch.Tensor:
-        """``G = X^T X / n`` of adapter ``name`` at ``module``'s input, float64."""
-        key = self.input_key(module)
-        return self.memo(("gram", name, key), lambda: self._tensor(name, f"gram:{key}").double())
+    def gram(self, name: str, module: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``G = X^T X / n`` of adapter ``name`` at ``module``'s input (read on each call: callers cache what they
+        derive from it, e.g. RegMean's solve per module input)."""
+        return self._tensor(name, f"gram:{self.input_key(module)}").to(dtype)
 
     def fisher(self, name: str, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The Kronecker factors ``(E[g^2] over outputs, E[x^2] over inputs)``: ``F ~ outer(u, v)``."""
         u = self._tensor(name, f"fisher_out:{module}").double()
-        return u, self.gram(name, module).diagonal().clone()
+        key = self.input_key(module)
+        return u, self.memo(("gram-diagonal", name, key), lambda: self.gram(name, module).diagonal().clone())
 
     def tokens(self, name: str) -> int:
         return int(self.records[name]["tokens"])

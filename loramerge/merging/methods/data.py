@@ -10,6 +10,7 @@ full-weight formulas.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -40,17 +41,18 @@ class RegMeanConfig(MethodConfig):
 
 
 def scaled_gram(G: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``G'``: the off-diagonal scaled by alpha, the diagonal kept."""
-    return alpha * G + (1.0 - alpha) * torch.diag_embed(G.diagonal())
+    """``G'``: the off-diagonal scaled by alpha, the diagonal kept (a new tensor)."""
+    out = G * alpha
+    out.diagonal().copy_(G.diagonal())
+    return out
 
 
 def cholesky_with_ridge(S: torch.Tensor, ridge: float, where: str, notes: list[str] | None = None) -> torch.Tensor:
     """Cholesky factor of ``S`` (float64); a singular ``S`` gets a growing ridge relative to its mean diagonal."""
     scale = float(S.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(S.shape[0], dtype=S.dtype)
     tried = ridge
     while True:
-        L, info = torch.linalg.cholesky_ex(S + tried * scale * eye if tried else S)
+        L, info = torch.linalg.cholesky_ex(S + tried * scale * torch.eye(S.shape[0], dtype=S.dtype) if tried else S)
         if int(info) == 0:
             break
         tried = 1e-8 if tried == 0 else tried * 10
@@ -64,26 +66,47 @@ def cholesky_with_ridge(S: torch.Tensor, ridge: float, where: str, notes: list[s
     return L
 
 
+@dataclass(frozen=True)
+class _InputSolve:
+    """What every module reading one input shares: each adapter's Gram and the Cholesky factor of the sum."""
+
+    grams: dict[str, torch.Tensor]  # adapter name -> G_t (float64, as stored: unscaled)
+    cholesky: torch.Tensor  # L with L L^T = S = sum_t G_t' (+ ridge), float64
+
+
+def _input_solve(stats, module: str, cfg: RegMeanConfig) -> _InputSolve:
+    key = stats.input_key(module)
+    grams = {n: stats.gram(n, module) for n in stats.names}  # each Gram read once per module input
+    S = torch.zeros_like(next(iter(grams.values())))
+    for G in grams.values():
+        S.add_(G)
+    diagonal = S.diagonal().clone()  # sum_t G_t' = (sum_t G_t)': the scaling is linear
+    S.mul_(cfg.alpha).diagonal().copy_(diagonal)
+    return _InputSolve(grams, cholesky_with_ridge(S, cfg.ridge, key, stats.notes))
+
+
+def _scaled_times(G: torch.Tensor, alpha: float, X: torch.Tensor) -> torch.Tensor:
+    """``G' X`` without forming ``G'``: ``alpha G X + (1 - alpha) diag(G) X``."""
+    out = G @ X
+    return out.mul_(alpha).addcmul_(G.diagonal().unsqueeze(1), X, value=1.0 - alpha) if alpha != 1.0 else out
+
+
 def regmean(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
     """``dW* = sum_t w_t B_t (A_t G_t' S^-1)``, ``S = sum_t G_t'``: the concatenation of rank sum r_t.
 
-    One Cholesky solve per module input (shared by the modules that read it); never a d_out x d_in matrix.
+    Per module input (shared by q/k/v, by gate/up): each Gram read once, one Cholesky factorisation; per module:
+    one solve for every adapter's rows at once; never a d_out x d_in matrix. Float64 throughout: the sum can be
+    ill-conditioned (LLM activations have outlier dimensions), and the factorisation is a small part of the time.
     """
     stats = _stats(inputs, "regmean")
     key = stats.input_key(inputs.name)
-
-    def factor() -> torch.Tensor:
-        S = sum(scaled_gram(stats.gram(n, inputs.name), cfg.alpha) for n in stats.names)
-        return cholesky_with_ridge(S, cfg.ridge, key, stats.notes)
-
-    L = stats.memo(("regmean-cholesky", key, cfg.alpha, cfg.ridge), factor)
-    Bs, As = [], []
-    for f, w, name in zip(inputs.factors, inputs.weights, inputs.adapter_names):
-        G = scaled_gram(stats.gram(name, inputs.name), cfg.alpha)
-        As.append(torch.cholesky_solve(G @ f.A.double().T, L).T)  # A_t G_t' S^-1 (G', S symmetric)
-        Bs.append(w * f.B.double())
+    solve = stats.memo(("regmean", key, cfg.alpha, cfg.ridge), lambda: _input_solve(stats, inputs.name, cfg))
+    rhs = torch.cat([_scaled_times(solve.grams[name], cfg.alpha, f.A.double().T)
+                     for f, name in zip(inputs.factors, inputs.adapter_names)], dim=1)  # G_t' A_t^T: (d_in, sum r)
+    A = torch.cholesky_solve(rhs, solve.cholesky).T  # A_t G_t' S^-1 (G', S symmetric)
+    B = torch.cat([w * f.B.double() for f, w in zip(inputs.factors, inputs.weights)], dim=1)
     dtype = inputs.factors[0].A.dtype
-    return Factored(B=torch.cat(Bs, dim=1).to(dtype), A=torch.cat(As, dim=0).to(dtype))
+    return Factored(B=B.to(dtype), A=A.to(dtype))
 
 
 def regmean_plus(cfg: RegMeanConfig, inputs: ModuleInputs) -> Factored:
