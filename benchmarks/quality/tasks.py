@@ -104,11 +104,12 @@ SPECS: dict[str, TaskSpec] = {s.short: s for s in (
     TaskSpec("navigate", "navigate", "spatial reasoning",
              _choice("Do you return to the starting point? True or False:")),
 )}
-TASKS: tuple[str, ...] = ("intent", "sentiment", "facts", "adj_order", "color", "sports")
-"""The six tasks of the benchmark (keys of ``SPECS``). ``nli`` (epistemic_reasoning) was replaced by its
-fallback ``facts`` on 2026-11-30: its all-layer LoRA reached 59.3% test accuracy against 52.0% for the base
-model and a 59.0% majority class (the gate asks 20 points above both), in the settings' 200 steps.
-``navigate`` is the remaining measured fallback."""
+TASKS: tuple[str, ...] = ("intent", "sentiment", "facts", "adj_order", "color", "navigate")
+"""The six tasks of the benchmark (keys of ``SPECS``). Two of the first six failed the fine-tuning gate (20 points
+above both the base model and the majority class) in the settings' 200 steps on 2026-11-30 and were replaced by
+the measured fallbacks: ``nli`` (epistemic_reasoning; fine-tuned 59.3% test against base 52.0% and majority
+59.0%) by ``facts``, and ``sports`` (sports_understanding; fine-tuned 50.0% against base 49.0% and majority
+50.3%: the LoRA learned nothing) by ``navigate``."""
 
 
 @dataclass(frozen=True)
