@@ -23,7 +23,7 @@ from torch import nn
 
 from loramerge.core.adapter import LoraAdapter
 from loramerge.core.progress import progress_bar
-from loramerge.data.accumulate import GramAccumulator, delta_hook
+from loramerge.data.accumulate import GramAccumulator, adapted
 from loramerge.data.calibration import _batches, context_length, tokenize
 from loramerge.errors import DataError
 from loramerge.merging.methods.base import Factored, ModuleInputs
@@ -79,16 +79,6 @@ def _blocks(model: nn.Module, modules: Sequence[str]) -> tuple[nn.ModuleList, st
     return blocks, prefix
 
 
-@contextlib.contextmanager
-def _delta_hooks(model: nn.Module, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-    handles = [model.get_submodule(n).register_forward_hook(delta_hook(A, B)) for n, (A, B) in deltas.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _first_states(model: nn.Module, block: nn.Module, batches) -> list[tuple[torch.Tensor, dict, torch.Tensor]]:
     """(hidden states entering the first block, its keyword arguments, mask) per batch: the embeddings only."""
     captured: list[tuple[torch.Tensor, dict, torch.Tensor]] = []
@@ -142,7 +132,7 @@ def regmean_plus_merge(model: nn.Module, tokenizer: Any, adapters: Sequence[Lora
         for a in adapters:  # this block's inputs: merged blocks below, the task's own adapter in this block
             acc = GramAccumulator(modules=names, fisher=False)
             own = {m: (f.A, f.B) for m, f in factors[a.name].items() if m in names}
-            with _delta_hooks(model, own), _hooks_pre(model, acc):
+            with adapted(model, own), _hooks_pre(model, acc):
                 for hidden, kwargs, mask in states[a.name]:
                     acc.new_batch(mask)
                     _run_block(block, hidden, kwargs)
@@ -157,7 +147,7 @@ def regmean_plus_merge(model: nn.Module, tokenizer: Any, adapters: Sequence[Lora
                                adapter_names=tuple(a.name for a in present), context=view)
             merged[m] = regmean_fn(cfg, inp)
             deltas[m] = (merged[m].A, merged[m].B)
-        with _delta_hooks(model, deltas):  # the merged block carries every task's states to the next block
+        with adapted(model, deltas):  # the merged block carries every task's states to the next block
             for a in adapters:
                 states[a.name] = [(_run_block(block, h, kw), kw, mask) for h, kw, mask in states[a.name]]
     return merged
