@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -99,8 +100,14 @@ def worker(spec: dict) -> dict:
                    space=spec["space"], seed=0)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = (_kib("VmHWM") - before) / 1024
-    out = {"wall": wall, "cpu": cpu, "peak_mib": peak, "max_trunc": result.max_rel_error,
-           "modules": len(result.modules)}
+    from loramerge.core import processes
+
+    workers = processes.started  # the worker processes (if any) have exited: their peak RSS and CPU time count
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = {"wall": wall, "cpu": cpu + children.ru_utime + children.ru_stime, "peak_mib": peak,
+           "workers": workers, "worker_peak_rss_mib": children.ru_maxrss / 1024,
+           "peak_total_mib": peak + workers * children.ru_maxrss / 1024,
+           "max_trunc": result.max_rel_error, "modules": len(result.modules)}
     if spec.get("save"):
         torch.save({m.name: (m.B, m.A) for m in result.modules}, spec["save"])
     return out
@@ -198,15 +205,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{'/'.join(f'{x:.1f}' for x in load_after)}. Measured on {args.layers} of {FULL_LAYERS} layers "
           f"({7 * args.layers} modules); full-set numbers are x{scale:g}.\n")
     print("| method | space | wall, measured | CPU s, measured | full set (224 modules), wall | full set, CPU s | "
-          "peak extra RSS MiB | worst trunc. err | core vs dense rel. dist |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "peak extra RSS MiB | worker processes x their peak RSS MiB | worst trunc. err | core vs dense rel. dist |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dist = f"{r['dist_to_dense']:.2f}" if "dist_to_dense" in r else "–"
         print(f"| {r['method']} | {r['space']} | {r['wall']:.1f} s | {r['cpu']:.1f} | {r['wall'] * scale / 60:.1f} min | "
-              f"{r['cpu'] * scale:.0f} | {r['peak_mib']:.0f} | {r['max_trunc']:.2f} | {dist} |")
+              f"{r['cpu'] * scale:.0f} | {r['peak_mib']:.0f} | {r.get('workers', 0)} x {r.get('worker_peak_rss_mib', 0):.0f} | "
+              f"{r['max_trunc']:.2f} | {dist} |")
     if peft:
         print(f"| peft ties_svd | dense | {peft['wall']:.1f} s on {'+'.join(peft['targets'])} | {peft['cpu']:.1f} | "
-              f"{peft['extrapolated_wall'] / 60:.0f} min (by entries) | – | – | – | – |")
+              f"{peft['extrapolated_wall'] / 60:.0f} min (by entries) | – | – | – | – | – |")
     return 0
 
 

@@ -160,8 +160,6 @@ def merge_modules(
     factors are in memory at a time. ``modules``: a subset of ``adapters.module_names``. ``context``: what
     the method reads instead of a ``prepare`` pass (calibration statistics for the data-informed methods).
     """
-    import torch
-
     if len(plan.weights) != len(adapters):
         raise RecipeError(f"{len(plan.weights)} weights for {len(adapters)} adapters", fix="give one weight per adapter")
     method = plan.method
@@ -170,29 +168,111 @@ def merge_modules(
     context = context if context is not None else plan.context
     if context is None and method.prepare is not None and not plan.factorwise:
         context = method.prepare(plan.config, lambda: (module_inputs(adapters, plan, n, device=device) for n in names))
-    for name in progress_bar(names, description=f"merging ({method.name})", enabled=show_progress):
-        inputs = module_inputs(adapters, plan, name, device=device, context=context)
-        try:
-            result = fn(plan.config, inputs)
-            result = plan.post(name, result) if plan.post is not None else result
-        except ValueError as exc:
-            raise RecipeError(f"method '{method.name}' failed: {exc}", module=name,
-                              fix="change the adapters' weights or the method's parameters "
-                              "(`loramerge methods` lists them)") from exc
-        _check_finite_result(result, inputs, method.name)
-        try:
-            compressed = _finish(result, plan.policy, inputs.ranks, derive_seed(plan.seed, "compress", name))
-        except torch.linalg.LinAlgError as exc:  # finite but so large that the SVD's products overflow
-            raise _overflow_error(inputs, method.name, "its rank reduction overflowed") from exc
-        if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
-            raise NumericalError(f"method '{method.name}' produced NaN or Inf", module=name,
-                                 fix="check the weights and parameters (e.g. a density of 0 or a huge lambda)")
+
+    def inputs_of(name: str) -> ModuleInputs:
+        return module_inputs(adapters, plan, name, device=device, context=context)
+
+    workers = _process_workers(adapters, plan, names, device)
+    if workers > 1:
+        from loramerge.core.processes import ordered_map
+
+        computed: Iterator = ordered_map(_compute_remotely, (_job(plan, inputs_of(n)) for n in names), workers)
+    else:
+        computed = (None for _ in names)
+    for name, remote in zip(progress_bar(names, description=f"merging ({method.name})", enabled=show_progress),
+                            computed):
+        if remote is not None:
+            ranks, compressed = remote
+        else:  # computed here (always so for a module a worker failed on: the error is raised here, in full)
+            inputs = inputs_of(name)
+            ranks, compressed = inputs.ranks, _merge_one(fn, method.name, plan, inputs)
         kind = adapters.info(name).kind
         yield MergedModule(
             module=OutputModule(name=name, kind=kind, A=compressed.A.cpu(), B=compressed.B.cpu()),
-            report=ModuleReport(name=name, input_ranks=tuple(inputs.ranks), rank=compressed.rank,
+            report=ModuleReport(name=name, input_ranks=tuple(ranks), rank=compressed.rank,
                                 rel_error=compressed.rel_error),
         )
+
+
+def _merge_one(fn: Any, method_name: str, plan: MergePlan | _ModuleJob, inputs: ModuleInputs) -> Compressed:
+    """One module: the method, the post-step, the checks, the rank policy (``plan``: its config, post-step,
+    rank policy and seed)."""
+    import torch
+
+    name = inputs.name
+    try:
+        result = fn(plan.config, inputs)
+        result = plan.post(name, result) if plan.post is not None else result
+    except ValueError as exc:
+        raise RecipeError(f"method '{method_name}' failed: {exc}", module=name,
+                          fix="change the adapters' weights or the method's parameters "
+                          "(`loramerge methods` lists them)") from exc
+    _check_finite_result(result, inputs, method_name)
+    try:
+        compressed = _finish(result, plan.policy, inputs.ranks, derive_seed(plan.seed, "compress", name))
+    except torch.linalg.LinAlgError as exc:  # finite but so large that the SVD's products overflow
+        raise _overflow_error(inputs, method_name, "its rank reduction overflowed") from exc
+    if not (torch.isfinite(compressed.A).all() and torch.isfinite(compressed.B).all()):
+        raise NumericalError(f"method '{method_name}' produced NaN or Inf", module=name,
+                             fix="check the weights and parameters (e.g. a density of 0 or a huge lambda)")
+    return compressed
+
+
+PROCESS_MIN_ENTRIES = 1 << 25
+"""Adapter entries (N x d_out x d_in) of the largest module from which a CPU element-wise merge runs its modules
+in worker processes (``core/processes.py``): about 1 s of work per module, against ~2 s to start the workers once."""
+
+
+@dataclass(frozen=True)
+class _ModuleJob:
+    """What a worker process needs for one module; it pickles (a built-in method's function by its reference)."""
+
+    fn: Any
+    method_name: str
+    config: MethodConfig
+    inputs: ModuleInputs
+    policy: RankPolicy
+    seed: int
+    post: Any = None
+    space: str = "dense"
+    factorwise: bool = False
+    context: Any = None
+
+
+def _process_workers(adapters: AdapterSet, plan: MergePlan, names: Sequence[str], device: Any) -> int:
+    """Worker processes for this merge: only for built-in element-wise methods in dense space on the CPU (no
+    calibration context, no post-step, no prepare pass), on modules large enough to pay for starting them."""
+    import torch
+
+    from loramerge.core.processes import process_workers
+    from loramerge.merging.methods import Ref
+
+    method = plan.method
+    if (torch.device(device).type != "cpu" or method.kind != "elementwise" or plan.space != "dense"
+            or plan.factorwise or plan.post is not None or plan.context is not None or method.prepare is not None
+            or not isinstance(method.fn, Ref) or not names):
+        return 1
+    workers = process_workers()
+    if workers <= 1:
+        return 1
+    largest = max(adapters.info(n).d_out * adapters.info(n).d_in for n in names)
+    return workers if largest * len(adapters) >= PROCESS_MIN_ENTRIES else 1
+
+
+def _job(plan: MergePlan, inputs: ModuleInputs) -> _ModuleJob:
+    from loramerge.merging.methods import Ref
+
+    ref = plan.method.fn
+    return _ModuleJob(Ref(ref.target, *ref.args), plan.method.name, plan.config, inputs, plan.policy, plan.seed)
+
+
+def _compute_remotely(job: _ModuleJob) -> tuple[list[int], Compressed] | None:
+    """In a worker: the module merged; None when it raised, so that the parent computes it again and raises the
+    error there with its full context (errors with keyword fields do not survive pickling)."""
+    try:
+        return job.inputs.ranks, _merge_one(job.fn, job.method_name, job, job.inputs)
+    except Exception:  # noqa: BLE001 - recomputed (and raised) by the parent
+        return None
 
 
 @dataclass
