@@ -85,6 +85,7 @@ class TaskSpec:
     source: str          # BIG-bench task (``task`` or ``task/subtask``)
     family: str          # the kind of task; no two tasks share one
     build: Callable[[dict, random.Random], list[Example]]
+    step_factor: int = 1  # x the settings' training steps, for a task the default budget does not teach
 
 
 SPECS: dict[str, TaskSpec] = {s.short: s for s in (
@@ -102,9 +103,15 @@ SPECS: dict[str, TaskSpec] = {s.short: s for s in (
     # fallbacks (same families as above are not allowed together; see docs/QUALITY.md)
     TaskSpec("facts", "vitaminc_fact_verification", "fact verification", _choice("True, False or Neither?")),
     TaskSpec("navigate", "navigate", "spatial reasoning",
-             _choice("Do you return to the starting point? True or False:")),
+             _choice("Do you return to the starting point? True or False:"), step_factor=2),
+    # candidates measured 2026-11-30 (second round)
+    TaskSpec("add", "arithmetic/2_digit_addition", "arithmetic", _choice("Answer:")),
+    TaskSpec("colored", "reasoning_about_colored_objects", "reading comprehension (coloured objects)",
+             _choice("Answer:")),
+    TaskSpec("units", "unit_conversion/unit_identification", "unit conversion", _choice("Answer:")),
+    TaskSpec("goal", "goal_step_wikihow/goal_inference", "goal inference (wikiHow)", _choice("Answer:")),
 )}
-TASKS: tuple[str, ...] = ("intent", "sentiment", "facts", "adj_order", "color", "navigate")
+TASKS: tuple[str, ...] = ("intent", "sentiment", "add", "adj_order", "color", "navigate")
 """The six tasks of the benchmark (keys of ``SPECS``). Two of the first six failed the fine-tuning gate (20 points
 above both the base model and the majority class) in the settings' 200 steps on 2026-11-30 and were replaced by
 the measured fallbacks: ``nli`` (epistemic_reasoning; fine-tuned 59.3% test against base 52.0% and majority

@@ -8,6 +8,7 @@ from pathlib import Path
 from .bench import Bench, adapter_deltas, log
 from .cache import content_key
 from .model import TARGETS, target_regex, train_lora
+from .tasks import SPECS
 
 
 def stage_base(bench: Bench) -> None:
@@ -23,11 +24,22 @@ def stage_base(bench: Bench) -> None:
         log(f"base {d.short}: val {record['val']:.3f} test {record['test']:.3f} majority {majority:.3f}")
 
 
+def task_steps(bench: Bench, short: str) -> int:
+    """Training steps of one task: the settings' steps times the task's ``step_factor``."""
+    return SPECS[short].step_factor * bench.settings.steps
+
+
+def training_key(bench: Bench, short: str) -> dict:
+    """The settings an adapter depends on; a task's own step count replaces the default (only then, so the
+    other tasks' cached adapters keep their keys)."""
+    return {**bench.settings.training_key(), "steps": task_steps(bench, short)}
+
+
 def adapter_dir(bench: Bench, kind: str, short: str, **extra) -> Path:
     """cache/adapters/<kind>/<task>-<key>: the key covers the training settings, the task's training data,
     the model and whatever the initialisation reads (``extra``)."""
     d = next(t for t in bench.tasks if t.short == short)
-    key = content_key(kind=kind, settings=bench.settings.training_key(), data=d.digest("train"),
+    key = content_key(kind=kind, settings=training_key(bench, short), data=d.digest("train"),
                       model=bench.evals.model_digest, **extra)
     return bench.cache / "adapters" / kind / f"{short}-{key[:16]}"
 
@@ -41,7 +53,8 @@ def stage_train(bench: Bench, kind: str = "lora", peft_wrap=None, extra=None) ->
         if not (out / "adapter_model.safetensors").exists():
             log(f"training {kind} for {d.short}")
             out.parent.mkdir(parents=True, exist_ok=True)
-            info = train_lora(bench.lm, bench.enc[d.short]["train"], out, rank=s.rank, alpha=s.alpha, steps=s.steps,
+            info = train_lora(bench.lm, bench.enc[d.short]["train"], out, rank=s.rank, alpha=s.alpha,
+                              steps=task_steps(bench, d.short),
                               batch_size=s.batch_size, lr=s.lr, seed=s.seed, base_path=str(bench.model_path),
                               peft_wrap=peft_wrap(d) if peft_wrap else None, layers=s.lora_layers)
             bench.results.put("training", kind, d.short, value=info)
