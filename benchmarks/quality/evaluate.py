@@ -17,13 +17,18 @@ from .bench import Bench, adapter_deltas, log, mean, module_deltas, normalized, 
 
 LAMBDA_GRID = (0.3, 0.6)
 """Validation grid (``Settings.lambda_grid``) of the methods whose merged delta is a sum or a sparsified sum of
-the six task deltas (task arithmetic, TIES, DARE, DELLA, Breadcrumbs, magnitude pruning, STAR, KnOTS): six
+the six task deltas (task arithmetic, DARE, Breadcrumbs, magnitude pruning, STAR, KnOTS): six
 all-layer adapters summed at weight 1 want a scale well below 1 (task arithmetic's usual optimum is 0.3-0.5)."""
 ISOTROPIC_GRID = (0.6, 1.2)
 """Validation grid of the methods that flatten or orthogonalise the spectrum (TSV, Iso-C, Iso-CTS; LoRA-LEGO's
 gamma): their best scale sits near or above 1 (v1 chose 0.5-2.0). Two points each: the cost of a full run
 from scratch is dominated by evaluations (see ``project.py``); a third point costs 14 validation passes."""
 ISOTROPIC = ("tsv", "iso_c", "iso_cts", "lora_lego")
+DISJOINT_MEAN_GRID = (0.6, 1.0)
+"""Validation grid of the sign-resolved methods with TIES's disjoint mean (TIES, DARE-TIES, DELLA): their merged
+entry is a mean of the agreeing task entries, not a sum of six, so their scale sits near 1 (TIES's paper: 1).
+Found on the v2 adapters: with the sum grid (0.3, 0.6) TIES chose 0.6, the grid's edge."""
+DISJOINT_MEAN = ("ties", "dare_ties", "della")
 REGMEAN_ALPHA_GRID = (0.5, 0.9)
 """RegMean's off-diagonal scale of each Gram (the paper's alpha; 0.9 its default)."""
 DENSITY = 0.3
@@ -42,6 +47,8 @@ def grid_for(method, grid: tuple[float, ...] = LAMBDA_GRID) -> list[dict]:
     fields = method.config_cls.model_fields
     if method.name in ISOTROPIC and len(grid) > 1:
         grid = ISOTROPIC_GRID
+    if method.name in DISJOINT_MEAN and len(grid) > 1:
+        grid = DISJOINT_MEAN_GRID
     if method.name == "regmean" and "alpha" in fields and len(grid) > 1:
         return [{"alpha": a} for a in REGMEAN_ALPHA_GRID]
     extra = {"density": DENSITY} if "density" in fields else {}
