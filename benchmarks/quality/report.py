@@ -265,6 +265,15 @@ def orderings(r: dict) -> list[str]:
     return out
 
 
+def _more_steps(r: dict, default: int) -> str:
+    """The tasks trained longer than the default (their spec's ``step_factor``), as a clause."""
+    longer = {t: v["steps"] for t, v in (r.get("training", {}).get("lora") or {}).items()
+              if isinstance(v, dict) and v.get("steps", default) != default}
+    if not longer:
+        return ""
+    return " (" + ", ".join(f"{t}: {n} steps" for t, n in sorted(longer.items())) + ", which the default did not teach)"
+
+
 def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
     s, m = r["settings"], r["machine"]
     img = IMG if doc == DOC else doc.parent / "img"
@@ -287,8 +296,8 @@ def write_report(r: dict, doc: Path = DOC, notes: str | None = None) -> Path:
         "short phrases scored by the summed log-likelihood of their own tokens after the prompt.",
         f"- Adapters: PEFT LoRA rank {s['rank']}, alpha {s['alpha']}, "
         f"{'layers ' + str(s['lora_layers']) if s.get('lora_layers') else 'all 30 layers'} x q/k/v/o/gate/up/down; "
-        f"{s['steps']} AdamW steps of batch {s['batch_size']}, lr {s['lr']} (warm-up then linear decay); "
-        f"prompts left-truncated to {s['max_length']} tokens.",
+        f"{s['steps']} AdamW steps of batch {s['batch_size']}, lr {s['lr']} (warm-up then linear decay)"
+        f"{_more_steps(r, s['steps'])}; prompts left-truncated to {s['max_length']} tokens.",
         "- Runs and their own timings (seconds):",
         *[f"  - `--stages {run['stages']}` started {run['started']} (load {run.get('load_average', '?')}): "
           + ", ".join(f"{k} {v}" for k, v in run["timings_s"].items()) for run in r.get("runs", [])], "",
