@@ -40,6 +40,9 @@ from .evaluate import _same, choose_and_test, grid_for, test_record
 
 DATA_METHODS = ("regmean", "regmean_plus", "fisher", "adamerging")
 LINES_ON = ("task_arithmetic", "ties", "tsv", "iso_cts")
+TUNE_METHODS = ("task_arithmetic", "ties", "tsv", "iso_c", "regmean")
+"""What ``loramerge tune`` searches here: its data-free defaults' strongest families plus RegMean (calibrated once
+by the tuner on the labeled validation prompts, inside the budget), as a user holding a validation set would."""
 
 
 def write_data_files(bench: Bench, root: Path) -> tuple[dict[str, str], Path]:
@@ -187,11 +190,12 @@ def stage_tune(bench: Bench, paths: Mapping[str, Path]) -> None:
         return
     _, val = write_data_files(bench, bench.cache / "data")
     out = bench.cache / "tune" / content_key(
-        model=bench.evals.model_digest, minutes=s.tune_minutes, seed=s.seed, data=file_digest(val),
+        model=bench.evals.model_digest, minutes=s.tune_minutes, seed=s.seed, data=file_digest(val), methods=TUNE_METHODS,
         adapters={t: file_digest(paths[t] / "adapter_model.safetensors") for t in bench.names})[:16]
     command += [f"{t}={paths[t]}" for t in bench.names] + [
         "--data", str(val), "--output", str(out), "--base", str(bench.model_path), "--minutes", f"{s.tune_minutes:g}",
-        "--seed", str(s.seed), "--max-length", str(s.max_length), "--ada-steps", str(s.ada_steps), "--force"]
+        "--seed", str(s.seed), "--max-length", str(s.max_length), "--ada-steps", str(s.ada_steps),
+        "--methods", ",".join(TUNE_METHODS), "--force"]
     env = {**os.environ, "OMP_NUM_THREADS": str(s.threads)}
     t0 = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
