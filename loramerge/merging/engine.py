@@ -233,10 +233,8 @@ class _ModuleJob:
     inputs: ModuleInputs
     policy: RankPolicy
     seed: int
-    post: Any = None
-    space: str = "dense"
-    factorwise: bool = False
-    context: Any = None
+    post: None = None
+    """Always None: plans with a post-step are merged in this process (``_merge_one`` reads the field)."""
 
 
 def _process_workers(adapters: AdapterSet, plan: MergePlan, names: Sequence[str], device: Any) -> int:
